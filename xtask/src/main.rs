@@ -1,0 +1,68 @@
+//! Project tasks: `cargo xtask <command>`.
+//!
+//! `setup` installs what a fresh machine of this image lacks; `test` runs setup when
+//! needed and then every test of the workspace, privileged ones included.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Build, test and run the node tunnel")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks: nightly rust-src, bpf-linker (LLVM 22), Debian tools.
+    Setup,
+    /// Run setup when needed, then every test of the workspace (root-only tests included).
+    Test {
+        /// Extra arguments passed to `cargo test` (after `--` for test filters).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::run(),
+        Task::Test { args } => test(&args),
+    }
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup::run()?;
+    let mut cmd = Command::new(cargo());
+    cmd.current_dir(workspace_root())
+        .args(["test", "--workspace", "--locked"])
+        .args(args);
+    run(&mut cmd)
+}
+
+/// The cargo that runs this task, so the same toolchain builds everything.
+pub(crate) fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string())
+}
+
+pub(crate) fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Runs a command to completion, failing with the command line when it does not succeed.
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
+    let line = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot start {line}"))?;
+    if !status.success() {
+        bail!("{line} failed: {status}");
+    }
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! The node tunnel: eBPF steers enrolled pods' TCP into it, it carries each connection
+//! as an HBONE (HTTP/2 CONNECT over mutual TLS) stream, and it enforces Istio's
+//! PeerAuthentication and L4 AuthorizationPolicy.
+#![forbid(unsafe_code)]
+
+pub mod identity;
