@@ -60,7 +60,9 @@ pub(crate) fn workspace_root() -> std::path::PathBuf {
 /// Runs a command to completion, failing with the command line when it does not succeed.
 pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let line = format!("{cmd:?}");
-    let status = cmd.status().with_context(|| format!("cannot start {line}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {line}"))?;
     if !status.success() {
         bail!("{line} failed: {status}");
     }

@@ -31,11 +31,20 @@ fn install_rust_src() -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src")) {
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
         return Ok(());
     }
     eprintln!("setup: adding rust-src to the nightly toolchain");
-    run_command(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    run_command(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
 }
 
 fn install_debian_packages() -> Result<()> {
@@ -49,11 +58,13 @@ fn install_debian_packages() -> Result<()> {
     }
     eprintln!("setup: installing Debian packages {}", missing.join(" "));
     run_command(Command::new("apt-get").arg("update").stdout(Stdio::null()))?;
-    run_command(Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdout(Stdio::null()))
+    run_command(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null()),
+    )
 }
 
 fn debian_package_installed(pkg: &str) -> bool {
@@ -68,14 +79,24 @@ fn install_bpf_linker() -> Result<()> {
     let installed = Command::new("bpf-linker")
         .arg("--version")
         .output()
-        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
         .unwrap_or(false);
     if installed {
         return Ok(());
     }
     eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)");
-    run_command(Command::new(crate::cargo())
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
-        .args(["--no-default-features", "--features", "llvm-22"])
-        .env("LLVM_PREFIX", LLVM_PREFIX))
+    run_command(
+        Command::new(crate::cargo())
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
 }

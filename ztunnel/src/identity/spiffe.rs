@@ -24,10 +24,16 @@ pub enum ParseError {
     EmptyTrustDomain(String),
     #[error("identity {id:?}: trust domain {trust_domain:?} has a character outside [a-z0-9.-_]")]
     TrustDomain { id: String, trust_domain: String },
-    #[error("identity {id:?}: path {path:?} is not of the form /ns/<namespace>/sa/<service-account>")]
+    #[error(
+        "identity {id:?}: path {path:?} is not of the form /ns/<namespace>/sa/<service-account>"
+    )]
     Path { id: String, path: String },
     #[error("identity {id:?}: {part} {value:?} is not a valid Kubernetes name")]
-    Name { id: String, part: &'static str, value: String },
+    Name {
+        id: String,
+        part: &'static str,
+        value: String,
+    },
 }
 
 impl Identity {
@@ -61,7 +67,10 @@ impl Identity {
     /// The identity without its `spiffe://` scheme, as Istio's AuthorizationPolicy
     /// `principals` are written: `cluster.local/ns/prod/sa/orders`.
     pub fn principal(&self) -> String {
-        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 
     fn validate(&self) -> Result<(), ParseError> {
@@ -69,16 +78,25 @@ impl Identity {
         if self.trust_domain.is_empty() {
             return Err(ParseError::EmptyTrustDomain(id));
         }
-        let td_ok = self
-            .trust_domain
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'));
+        let td_ok = self.trust_domain.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        });
         if !td_ok {
-            return Err(ParseError::TrustDomain { id, trust_domain: self.trust_domain.clone() });
+            return Err(ParseError::TrustDomain {
+                id,
+                trust_domain: self.trust_domain.clone(),
+            });
         }
-        for (part, value) in [("namespace", &self.namespace), ("service account", &self.service_account)] {
+        for (part, value) in [
+            ("namespace", &self.namespace),
+            ("service account", &self.service_account),
+        ] {
             if !is_kubernetes_name(value) {
-                return Err(ParseError::Name { id, part, value: value.clone() });
+                return Err(ParseError::Name {
+                    id,
+                    part,
+                    value: value.clone(),
+                });
             }
         }
         Ok(())
@@ -89,7 +107,8 @@ impl Identity {
 fn is_kubernetes_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.'))
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.'))
         && s.as_bytes()[0].is_ascii_alphanumeric()
         && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()
 }
@@ -98,7 +117,9 @@ impl FromStr for Identity {
     type Err = ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let rest = s.strip_prefix(SCHEME).ok_or_else(|| ParseError::Scheme(s.to_string()))?;
+        let rest = s
+            .strip_prefix(SCHEME)
+            .ok_or_else(|| ParseError::Scheme(s.to_string()))?;
         let (trust_domain, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
@@ -117,14 +138,21 @@ impl FromStr for Identity {
                 id.validate()?;
                 Ok(id)
             }
-            _ => Err(ParseError::Path { id: s.to_string(), path: path.to_string() }),
+            _ => Err(ParseError::Path {
+                id: s.to_string(),
+                path: path.to_string(),
+            }),
         }
     }
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{SCHEME}{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        write!(
+            f,
+            "{SCHEME}{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 }
 
@@ -154,7 +182,10 @@ mod tests {
         assert_eq!(id.service_account(), "orders");
         assert_eq!(id.to_string(), s);
         assert_eq!(id.principal(), "cluster.local/ns/prod/sa/orders");
-        assert_eq!(Identity::new("cluster.local", "prod", "orders").unwrap(), id);
+        assert_eq!(
+            Identity::new("cluster.local", "prod", "orders").unwrap(),
+            id
+        );
     }
 
     #[test]
@@ -162,7 +193,10 @@ mod tests {
         let cases = [
             ("http://cluster.local/ns/a/sa/b", "does not start with"),
             ("spiffe:///ns/a/sa/b", "empty trust domain"),
-            ("spiffe://Cluster.Local/ns/a/sa/b", "trust domain \"Cluster.Local\""),
+            (
+                "spiffe://Cluster.Local/ns/a/sa/b",
+                "trust domain \"Cluster.Local\"",
+            ),
             ("spiffe://td/ns/a/b", "path \"/ns/a/b\""),
             ("spiffe://td/ns/a/sa/b/c", "path \"/ns/a/sa/b/c\""),
             ("spiffe://td", "path \"\""),
@@ -172,14 +206,20 @@ mod tests {
         ];
         for (input, want) in cases {
             let err = input.parse::<Identity>().unwrap_err().to_string();
-            assert!(err.contains(want), "{input}: error {err:?} does not contain {want:?}");
+            assert!(
+                err.contains(want),
+                "{input}: error {err:?} does not contain {want:?}"
+            );
         }
     }
 
     #[test]
     fn serde_uses_the_uri_form() {
         let id: Identity = serde_yaml::from_str("spiffe://td/ns/a/sa/b").unwrap();
-        assert_eq!(serde_yaml::to_string(&id).unwrap().trim(), "spiffe://td/ns/a/sa/b");
+        assert_eq!(
+            serde_yaml::to_string(&id).unwrap().trim(),
+            "spiffe://td/ns/a/sa/b"
+        );
         assert!(serde_yaml::from_str::<Identity>("spiffe://td/ns/a").is_err());
     }
 }
