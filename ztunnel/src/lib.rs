@@ -5,3 +5,4 @@
 
 pub mod identity;
 pub mod policy;
+pub mod state;
