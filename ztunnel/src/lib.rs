@@ -3,6 +3,7 @@
 //! PeerAuthentication and L4 AuthorizationPolicy.
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod identity;
 pub mod policy;
 pub mod state;
