@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod discovery;
 pub mod identity;
 pub mod policy;
 pub mod state;
