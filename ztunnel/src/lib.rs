@@ -3,6 +3,7 @@
 //! PeerAuthentication and L4 AuthorizationPolicy.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod discovery;
 pub mod identity;
