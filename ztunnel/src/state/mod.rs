@@ -317,6 +317,33 @@ impl Snapshot {
                 transport: Transport::Plaintext,
             });
         };
+        let (service, target_port, healthy) = self.service_endpoints(si, dst)?;
+        let pick = self.next_endpoint[si].fetch_add(1, Ordering::Relaxed) % healthy.len();
+        Ok(self.service_upstream(service, healthy[pick], dst, target_port))
+    }
+
+    /// Every upstream a service VIP can lead to (its healthy endpoints, in order), for
+    /// tools that explain rather than connect; `Ok(None)` when `dst` is not a VIP.
+    pub fn service_upstreams(&self, dst: SocketAddr) -> Result<Option<Vec<Upstream>>, Error> {
+        let Some(&si) = self.by_vip.get(&dst.ip()) else {
+            return Ok(None);
+        };
+        let (service, target_port, healthy) = self.service_endpoints(si, dst)?;
+        Ok(Some(
+            healthy
+                .into_iter()
+                .map(|w| self.service_upstream(service, w, dst, target_port))
+                .collect(),
+        ))
+    }
+
+    /// The service at index `si`, the target port for `dst`'s port, and its healthy
+    /// endpoints (never empty).
+    fn service_endpoints(
+        &self,
+        si: usize,
+        dst: SocketAddr,
+    ) -> Result<(&Service, u16, Vec<&Arc<Workload>>), Error> {
         let service = &self.resources.services[si];
         let port = service
             .ports
@@ -339,12 +366,20 @@ impl Snapshot {
                 port: dst.port(),
             });
         }
-        let pick = self.next_endpoint[si].fetch_add(1, Ordering::Relaxed) % healthy.len();
-        let w = healthy[pick];
+        Ok((service, port.target_port, healthy))
+    }
+
+    fn service_upstream(
+        &self,
+        service: &Service,
+        w: &Arc<Workload>,
+        dst: SocketAddr,
+        target_port: u16,
+    ) -> Upstream {
         let ip = w.address_like(dst.ip());
-        let mut up = self.upstream_to(w, ip, port.target_port, &service.subject_alt_names);
+        let mut up = self.upstream_to(w, ip, target_port, &service.subject_alt_names);
         up.service = Some(service.key());
-        Ok(up)
+        up
     }
 
     /// The mTLS modes in force for a workload.

@@ -291,3 +291,13 @@ fn dump_shows_modes_of_local_workloads() {
     assert_eq!(d["services"][0]["endpoints"].as_array().unwrap().len(), 3);
     assert_eq!(d["policies"][1]["name"], "only-orders");
 }
+
+#[test]
+fn service_upstreams_lists_every_healthy_endpoint_in_order() {
+    let s = snapshot();
+    let ups = s.service_upstreams(sa("10.96.0.10:80")).unwrap().unwrap();
+    let addrs: Vec<String> = ups.iter().map(|u| u.address.to_string()).collect();
+    assert_eq!(addrs, ["10.0.1.10:9090", "10.0.1.11:9090"]);
+    assert!(s.service_upstreams(sa("10.0.1.10:9090")).unwrap().is_none());
+    assert!(s.service_upstreams(sa("10.96.0.11:80")).is_err());
+}
