@@ -468,7 +468,11 @@ async fn bundle_rotation_in_stages() {
     std::fs::write(&bundle_path, pem(&old) + &pem(&new)).unwrap();
     let store = TrustStore::from_file(&bundle_path).unwrap();
     assert_eq!(store.current().roots().len(), 2);
-    let _watcher = store.watch(|e| panic!("reload failed: {e}")).unwrap();
+    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = errors.clone();
+    let _watcher = store
+        .watch(move |e| seen.lock().unwrap().push(e.to_string()))
+        .unwrap();
 
     let payments = id("finance", "payments");
     let mut srv = server(new.leaf(&payments), store.clone(), DEADLINE).await;
@@ -504,6 +508,11 @@ async fn bundle_rotation_in_stages() {
     connect(new.leaf(&id("prod", "orders"))).await.unwrap();
     srv.results.recv().await.unwrap().unwrap();
     echo(&mut from_old, b"established before the rotation").await;
+    assert!(
+        errors.lock().unwrap().is_empty(),
+        "reload errors: {:?}",
+        errors.lock().unwrap()
+    );
 }
 
 #[tokio::test]

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use std::time::Duration;
+
+use notify::{RecommendedWatcher, RecursiveMode};
+use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::{self, PemObject, SectionKind};
@@ -136,14 +139,15 @@ impl TrustStore {
         Ok(())
     }
 
-    /// Watches the bundle's file and reloads it whenever it changes; `on_error` hears of
-    /// every reload that failed (the bundle in force then stays). The directory is watched,
-    /// not the file, so replacing the file (editors, Kubernetes ConfigMap updates) is seen.
-    /// Watching stops when the returned watcher is dropped.
+    /// Watches the bundle's file and reloads it when it changes; `on_error` hears of every
+    /// reload that failed (the bundle in force then stays). The directory is watched, not
+    /// the file, so replacing the file (editors, Kubernetes ConfigMap updates) is seen, and
+    /// events are debounced so a file caught half-written is not read. Watching stops
+    /// when the returned watcher is dropped.
     pub fn watch(
         self: &Arc<Self>,
         on_error: impl Fn(&Error) + Send + 'static,
-    ) -> Result<Option<RecommendedWatcher>, Error> {
+    ) -> Result<Option<FileWatcher>, Error> {
         let Some(path) = self.path.clone() else {
             return Ok(None);
         };
@@ -157,14 +161,15 @@ impl TrustStore {
             path: dir.clone(),
             source: std::io::Error::other(format!("cannot watch: {e}")),
         };
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let Ok(event) = event else { return };
-            if event.kind.is_access() {
+        let mut debouncer = new_debouncer(WATCH_DEBOUNCE, move |events: DebounceEventResult| {
+            if events.is_err() {
                 return;
             }
             let Some(store) = store.upgrade() else { return };
             match store.reload() {
-                Ok(()) => tracing::info!(path = %path.display(), roots = store.current().roots().len(), "trust bundle reloaded"),
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), roots = store.current().roots().len(), "trust bundle reloaded")
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "trust bundle not reloaded, the previous one stays in force");
                     on_error(&e);
@@ -172,12 +177,19 @@ impl TrustStore {
             }
         })
         .map_err(watch_error)?;
-        watcher
+        debouncer
+            .watcher()
             .watch(&dir, RecursiveMode::NonRecursive)
             .map_err(watch_error)?;
-        Ok(Some(watcher))
+        Ok(Some(debouncer))
     }
 }
+
+/// A running file watch; dropping it stops the watch.
+pub type FileWatcher = Debouncer<RecommendedWatcher>;
+
+/// How long a watched file must be quiet before it is read again.
+pub const WATCH_DEBOUNCE: Duration = Duration::from_millis(200);
 
 #[cfg(test)]
 mod tests {
