@@ -4,4 +4,5 @@
 #![forbid(unsafe_code)]
 
 pub mod identity;
+pub mod netns;
 pub mod tls;
