@@ -8,5 +8,7 @@ pub mod check;
 pub mod config;
 pub mod discovery;
 pub mod identity;
+pub mod netns;
 pub mod policy;
 pub mod state;
+pub mod tls;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::identity::Identity;
+use crate::identity::{CaFiles, Identity};
 use crate::policy::{Document, Labels, Policy};
 use crate::state::{Resources, Service, ServicePort, Workload};
 
@@ -40,17 +40,12 @@ pub enum Error {
     },
 }
 
-/// The in-process CA's files (paths relative to the config file are resolved).
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CaFiles {
-    /// PEM root certificate that signs workload certificates.
-    pub cert_file: PathBuf,
-    /// PEM private key of that root.
-    pub key_file: PathBuf,
-    /// Extra PEM roots to trust besides `certFile` (CA rotation: old and new roots).
-    #[serde(default)]
-    pub trust_bundle_file: Option<PathBuf>,
+struct RawCa {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    trust_bundle_file: Option<PathBuf>,
 }
 
 /// How the tunnel runs; changes need a restart (a reload logs that they were ignored).
@@ -61,8 +56,11 @@ pub struct Settings {
     pub node: String,
     /// Istio's root namespace: policies here apply mesh-wide.
     pub root_namespace: String,
-    /// The in-process CA; `None` means the embedded default.
+    /// The in-process CA's root certificate and key; `None` means the embedded default.
     pub ca: Option<CaFiles>,
+    /// PEM roots to trust (watched; old and new roots during a CA rotation); `None`
+    /// means the CA's own root.
+    pub trust_bundle_file: Option<PathBuf>,
     /// Admin server (`/config_dump`, `/logging`).
     pub admin_address: SocketAddr,
     /// Readiness probe (`/healthz/ready`).
@@ -111,7 +109,7 @@ struct File {
     node: String,
     #[serde(default = "default_root_namespace")]
     root_namespace: String,
-    ca: Option<CaFiles>,
+    ca: Option<RawCa>,
     #[serde(default = "default_admin")]
     admin_address: SocketAddr,
     #[serde(default = "default_readiness")]
@@ -274,10 +272,14 @@ impl Checker<'_> {
         let services = self.services(&file, &workloads)?;
         let policies = self.policies(&file.policies)?;
         let settings = Settings {
+            trust_bundle_file: file
+                .ca
+                .as_ref()
+                .and_then(|ca| ca.trust_bundle_file.clone())
+                .map(|p| self.relative(p)),
             ca: file.ca.map(|ca| CaFiles {
-                cert_file: self.relative(ca.cert_file),
-                key_file: self.relative(ca.key_file),
-                trust_bundle_file: ca.trust_bundle_file.map(|p| self.relative(p)),
+                cert: self.relative(ca.cert_file),
+                key: self.relative(ca.key_file),
             }),
             admin_address: file.admin_address,
             readiness_address: file.readiness_address,

@@ -29,7 +29,7 @@ fn workloads_services_and_ca_paths() {
         r#"
 node: node-a
 trustDomain: example.org
-ca: {certFile: ca/root.pem, keyFile: /secure/root.key}
+ca: {certFile: ca/root.pem, keyFile: /secure/root.key, trustBundleFile: ca/bundle.pem}
 workloads:
 - {name: orders, namespace: prod, serviceAccount: orders, ips: [10.0.2.4], labels: {app: orders}, netns: /var/run/netns/orders}
 - {name: batch, namespace: legacy, ips: ["10.0.3.1", "fd00::3:1"], node: node-b, meshed: false}
@@ -42,9 +42,13 @@ services:
 "#,
     )
     .unwrap();
+    assert_eq!(
+        c.settings.trust_bundle_file,
+        Some(PathBuf::from("/etc/ztunnel/ca/bundle.pem"))
+    );
     let ca = c.settings.ca.unwrap();
-    assert_eq!(ca.cert_file, PathBuf::from("/etc/ztunnel/ca/root.pem"));
-    assert_eq!(ca.key_file, PathBuf::from("/secure/root.key"));
+    assert_eq!(ca.cert, PathBuf::from("/etc/ztunnel/ca/root.pem"));
+    assert_eq!(ca.key, PathBuf::from("/secure/root.key"));
     let w = &c.resources.workloads;
     assert_eq!(
         w[0].identity.to_string(),

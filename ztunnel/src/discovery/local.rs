@@ -192,8 +192,12 @@ impl Reloader {
 
 /// The settings that differ and only apply at start.
 fn restart_fields(old: &Settings, new: &Settings) -> Vec<&'static str> {
-    let fields: [(&str, bool); 7] = [
+    let fields: [(&str, bool); 8] = [
         ("ca", old.ca != new.ca),
+        (
+            "ca.trustBundleFile",
+            old.trust_bundle_file != new.trust_bundle_file,
+        ),
         ("adminAddress", old.admin_address != new.admin_address),
         (
             "readinessAddress",
