@@ -7,6 +7,7 @@
 //! values of a field OR, and a `notX` field matches when no value does. AUDIT and
 //! dry-run policies never change the decision; the decision lists what they matched.
 
+use std::borrow::Borrow;
 use std::fmt::{self, Write as _};
 
 use ipnet::IpNet;
@@ -366,11 +367,14 @@ pub struct Decision {
 
 /// Decides a connection against the AuthorizationPolicies that select its destination
 /// workload (see [`AuthorizationPolicy::selects`]), in config order.
-pub fn authorize(policies: &[&AuthorizationPolicy], conn: &Connection<'_>) -> Decision {
+pub fn authorize<P: Borrow<AuthorizationPolicy>>(
+    policies: &[P],
+    conn: &Connection<'_>,
+) -> Decision {
     let facts = Facts::new(conn);
     let mut audit = Vec::new();
     let mut dry_run = Vec::new();
-    for p in policies {
+    for p in policies.iter().map(Borrow::borrow) {
         if p.dry_run {
             dry_run.push(DryRunOutcome {
                 policy: p.reference.clone(),
@@ -381,7 +385,12 @@ pub fn authorize(policies: &[&AuthorizationPolicy], conn: &Connection<'_>) -> De
             audit.push(p.reference.clone());
         }
     }
-    let enforced = || policies.iter().filter(|p| !p.dry_run);
+    let enforced = || {
+        policies
+            .iter()
+            .map(Borrow::borrow)
+            .filter(|p: &&AuthorizationPolicy| !p.dry_run)
+    };
     let decision = |allowed, policy: Option<&PolicyRef>, reason| Decision {
         allowed,
         policy: policy.cloned(),
@@ -409,7 +418,7 @@ pub fn authorize(policies: &[&AuthorizationPolicy], conn: &Connection<'_>) -> De
             );
         }
     }
-    let allows: Vec<&&AuthorizationPolicy> =
+    let allows: Vec<&AuthorizationPolicy> =
         enforced().filter(|p| p.action == Action::Allow).collect();
     if allows.is_empty() {
         return decision(

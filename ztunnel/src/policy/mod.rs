@@ -11,6 +11,7 @@ mod resource;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -102,9 +103,9 @@ pub fn selector_matches(selector: &Labels, labels: &Labels) -> bool {
 /// Decides one connection to one workload: PeerAuthentication first (STRICT refuses a
 /// peer without identity, as Istio turns STRICT into "deny when no principal"), then
 /// the AuthorizationPolicies that select the workload.
-pub fn evaluate(
+pub fn evaluate<P: Borrow<AuthorizationPolicy>>(
     mode: &EffectiveMode,
-    policies: &[&AuthorizationPolicy],
+    policies: &[P],
     conn: &Connection<'_>,
 ) -> Decision {
     if conn.identity.is_none() && mode.mode == MtlsMode::Strict {

@@ -122,7 +122,11 @@ pub struct Snapshot {
     /// For each service, a counter that spreads connections over its endpoints.
     next_endpoint: Vec<AtomicUsize>,
     peer_authentications: Vec<PeerAuthentication>,
-    authorization_policies: Vec<AuthorizationPolicy>,
+    authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    /// For each workload: its mTLS modes, and the AuthorizationPolicies that select it
+    /// (config order), computed once per snapshot so a decision only matches rules.
+    modes: Vec<WorkloadMode>,
+    selected: Vec<Vec<Arc<AuthorizationPolicy>>>,
 }
 
 impl Snapshot {
@@ -176,10 +180,20 @@ impl Snapshot {
         for p in &resources.policies {
             match p {
                 Policy::Peer(p) => snap.peer_authentications.push(p.clone()),
-                Policy::Authz(p) => snap.authorization_policies.push(p.clone()),
+                Policy::Authz(p) => snap.authorization_policies.push(Arc::new(p.clone())),
             }
         }
         snap.resources = resources;
+        for w in &snap.workloads {
+            snap.modes.push(snap.workload_mode(w));
+            let selected = snap
+                .authorization_policies
+                .iter()
+                .filter(|p| p.selects(&snap.resources.root_namespace, w.target()))
+                .cloned()
+                .collect();
+            snap.selected.push(selected);
+        }
         snap
     }
 
@@ -382,7 +396,7 @@ impl Snapshot {
         up
     }
 
-    /// The mTLS modes in force for a workload.
+    /// The mTLS modes in force for a workload (of this snapshot or not).
     pub fn workload_mode(&self, w: &Workload) -> WorkloadMode {
         WorkloadMode::compose(
             &self.peer_authentications,
@@ -393,9 +407,9 @@ impl Snapshot {
 
     /// The effective mTLS mode for an inbound connection to a local workload address
     /// (`None` when no local workload owns the address).
-    pub fn inbound_mode(&self, dst: SocketAddr) -> Option<EffectiveMode> {
-        self.local_workload(dst.ip())
-            .map(|w| self.workload_mode(w).for_port(dst.port()).clone())
+    pub fn inbound_mode(&self, dst: SocketAddr) -> Option<&EffectiveMode> {
+        let &i = self.by_ip.get(&dst.ip())?;
+        (self.workloads[i].node == self.resources.node).then(|| self.modes[i].for_port(dst.port()))
     }
 
     /// Whether a plaintext connection to this local address is accepted (PERMISSIVE or
@@ -410,6 +424,7 @@ impl Snapshot {
         self.authorization_policies
             .iter()
             .filter(|p| p.selects(&self.resources.root_namespace, target))
+            .map(|p| &**p)
             .collect()
     }
 
@@ -417,7 +432,7 @@ impl Snapshot {
     /// without identity, then AuthorizationPolicy. Pure: logs nothing (see
     /// [`Snapshot::authorize`]). An address no workload owns is denied.
     pub fn decide(&self, src_ip: IpAddr, identity: Option<&Identity>, dst: SocketAddr) -> Decision {
-        let Some(w) = self.workload_by_ip(dst.ip()) else {
+        let Some(&i) = self.by_ip.get(&dst.ip()) else {
             return Decision {
                 allowed: false,
                 policy: None,
@@ -426,17 +441,12 @@ impl Snapshot {
                 dry_run: Vec::new(),
             };
         };
-        let mode = self.workload_mode(w);
         let conn = policy::Connection {
             src_ip,
             identity,
             dst,
         };
-        policy::evaluate(
-            mode.for_port(dst.port()),
-            &self.policies_for(w.target()),
-            &conn,
-        )
+        policy::evaluate(self.modes[i].for_port(dst.port()), &self.selected[i], &conn)
     }
 
     /// [`Snapshot::decide`], logging what AUDIT and dry-run policies matched.
@@ -482,9 +492,12 @@ impl Snapshot {
     /// Everything in this snapshot as JSON, for `/config_dump`: workloads, services,
     /// policies (with their L4 warnings), and the mTLS modes of each local workload.
     pub fn dump(&self) -> serde_json::Value {
-        let modes: BTreeMap<String, WorkloadMode> = self
-            .local_workloads()
-            .map(|w| (w.key(), self.workload_mode(w)))
+        let modes: BTreeMap<String, &WorkloadMode> = self
+            .workloads
+            .iter()
+            .zip(&self.modes)
+            .filter(|(w, _)| w.node == self.resources.node)
+            .map(|(w, m)| (w.key(), m))
             .collect();
         let services: Vec<serde_json::Value> = self
             .resources
