@@ -3,4 +3,6 @@
 //! PeerAuthentication and L4 AuthorizationPolicy.
 #![forbid(unsafe_code)]
 
+pub mod hbone;
 pub mod identity;
+pub mod proxy;
