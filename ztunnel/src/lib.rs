@@ -5,4 +5,6 @@
 
 pub mod hbone;
 pub mod identity;
+pub mod netns;
 pub mod proxy;
+pub mod tls;

@@ -1,0 +1,364 @@
+//! Sockets inside other network namespaces.
+//!
+//! A socket belongs, for life, to the network namespace of the thread that created it.
+//! A [`Netns`] owns one thread that has entered a namespace with `setns(2)` and creates
+//! sockets there on request; the sockets are then used from any thread (tokio's
+//! included). The tunnel uses it for the listeners it opens inside each enrolled pod and
+//! for the connections it makes from a pod (source = the pod's address), each carrying
+//! the tunnel's socket mark so the eBPF programs never steer them back into the tunnel.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), ztunnel::netns::Error> {
+//! use ztunnel::netns::{Netns, TUNNEL_MARK};
+//! let pod = Netns::open("/var/run/netns/pod-a")?;
+//! let listener = pod.listen("127.0.0.1:15001".parse().unwrap(), TUNNEL_MARK)?;
+//! let upstream = pod
+//!     .connect(None, "10.0.0.9:8080".parse().unwrap(), TUNNEL_MARK)
+//!     .await?;
+//! # drop((listener, upstream)); Ok(()) }
+//! ```
+
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use nix::sched::{CloneFlags, setns};
+use nix::{getsockopt_impl, sockopt_impl};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// The mark (`SO_MARK`) on every socket the tunnel opens: the eBPF programs leave
+/// sockets with this mark alone, so the tunnel's own connections are never steered.
+pub const TUNNEL_MARK: u32 = 0x539;
+
+/// Backlog of the listeners made by [`Netns::listen`].
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// `SO_NETNS_COOKIE` (linux/socket.h): the cookie of a socket's network namespace.
+const SO_NETNS_COOKIE: i32 = 71;
+
+sockopt_impl!(
+    /// The cookie of the socket's network namespace, as `bpf_get_netns_cookie` sees it.
+    NetnsCookie,
+    GetOnly,
+    libc::SOL_SOCKET,
+    SO_NETNS_COOKIE,
+    u64
+);
+
+/// Errors of namespace handles and the sockets made in them; each names the namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open network namespace {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot start the thread for network namespace {path}: {source}")]
+    Thread { path: PathBuf, source: io::Error },
+    #[error("cannot enter network namespace {path}: {source}")]
+    Enter { path: PathBuf, source: nix::Error },
+    #[error("the thread of network namespace {path} has stopped")]
+    Stopped { path: PathBuf },
+    #[error("cannot listen on {addr} in network namespace {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("cannot connect from network namespace {path} (source {bind:?}) to {dst}: {source}")]
+    Connect {
+        path: PathBuf,
+        bind: Option<SocketAddr>,
+        dst: SocketAddr,
+        source: io::Error,
+    },
+    #[error("cannot read the cookie of network namespace {path}: {source}")]
+    Cookie { path: PathBuf, source: io::Error },
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A handle on a network namespace, with a thread inside it that makes sockets there.
+/// Cheap to clone; the thread ends when the last clone is dropped.
+#[derive(Clone, Debug)]
+pub struct Netns {
+    path: PathBuf,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Netns {
+    /// Opens the namespace at `path` (`/var/run/netns/NAME`, `/proc/PID/ns/net`) and
+    /// starts its thread. Fails if the namespace cannot be entered (not root, not a
+    /// network namespace).
+    pub fn open(path: impl AsRef<Path>) -> Result<Netns, Error> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|source| Error::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let (entered_tx, entered) = mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name(format!("netns {}", path.display()))
+            .spawn(move || {
+                let result = setns(file.as_fd(), CloneFlags::CLONE_NEWNET);
+                let ok = result.is_ok();
+                // The opener waits for this answer; if it is gone there is no one to serve.
+                if entered_tx.send(result).is_err() || !ok {
+                    return;
+                }
+                drop(file);
+                for job in queue {
+                    job();
+                }
+            })
+            .map_err(|source| Error::Thread {
+                path: path.clone(),
+                source,
+            })?;
+        match entered.recv() {
+            Ok(Ok(())) => Ok(Netns { path, jobs }),
+            Ok(Err(source)) => Err(Error::Enter { path, source }),
+            Err(mpsc::RecvError) => Err(Error::Stopped { path }),
+        }
+    }
+
+    /// The path this namespace was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the namespace's thread and waits for its result. It blocks the
+    /// caller for as long as `f` runs: keep `f` to a few system calls (in async code,
+    /// prefer [`Netns::run_async`]).
+    pub fn run<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.submit(Box::new(move || {
+            // The caller may have given up waiting; the result is then unwanted.
+            let _ = tx.send(f());
+        }))?;
+        rx.recv().map_err(|_| self.stopped())
+    }
+
+    /// Like [`Netns::run`], waiting without blocking the async runtime.
+    pub async fn run_async<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(Box::new(move || {
+            // The caller may have given up waiting; the result is then unwanted.
+            let _ = tx.send(f());
+        }))?;
+        rx.await.map_err(|_| self.stopped())
+    }
+
+    /// A non-blocking TCP listener bound to `addr` inside the namespace, with socket
+    /// mark `mark` (accepted sockets inherit it). IPv6 listeners are IPv6-only.
+    /// Call it from inside a tokio runtime: the listener is registered with it.
+    pub fn listen(&self, addr: SocketAddr, mark: u32) -> Result<tokio::net::TcpListener, Error> {
+        let listen_error = |source| Error::Listen {
+            path: self.path.clone(),
+            addr,
+            source,
+        };
+        let std_listener = self
+            .run(move || listening_socket(addr, mark))?
+            .map_err(listen_error)?;
+        tokio::net::TcpListener::from_std(std_listener).map_err(listen_error)
+    }
+
+    /// A TCP connection made from inside the namespace to `dst`, with socket mark
+    /// `mark`, bound first to `bind` when given (e.g. the pod's own address as source).
+    pub async fn connect(
+        &self,
+        bind: Option<SocketAddr>,
+        dst: SocketAddr,
+        mark: u32,
+    ) -> Result<tokio::net::TcpStream, Error> {
+        let connect_error = |source| Error::Connect {
+            path: self.path.clone(),
+            bind,
+            dst,
+            source,
+        };
+        let socket = self
+            .run_async(move || connecting_socket(bind, dst, mark))
+            .await?
+            .map_err(connect_error)?;
+        tokio::net::TcpSocket::from_std_stream(socket)
+            .connect(dst)
+            .await
+            .map_err(connect_error)
+    }
+
+    /// The namespace's cookie: the key the eBPF programs see from
+    /// `bpf_get_netns_cookie` for sockets of this namespace.
+    pub fn cookie(&self) -> Result<u64, Error> {
+        let cookie_error = |source| Error::Cookie {
+            path: self.path.clone(),
+            source,
+        };
+        self.run(|| -> io::Result<u64> {
+            let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+            Ok(nix::sys::socket::getsockopt(&socket, NetnsCookie)?)
+        })?
+        .map_err(cookie_error)
+    }
+
+    fn submit(&self, job: Job) -> Result<(), Error> {
+        self.jobs.send(job).map_err(|_| self.stopped())
+    }
+
+    fn stopped(&self) -> Error {
+        Error::Stopped {
+            path: self.path.clone(),
+        }
+    }
+}
+
+fn tcp_socket(addr: &SocketAddr, mark: u32) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(*addr),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_mark(mark)?;
+    socket.set_nonblocking(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    Ok(socket)
+}
+
+fn listening_socket(addr: SocketAddr, mark: u32) -> io::Result<std::net::TcpListener> {
+    let socket = tcp_socket(&addr, mark)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+fn connecting_socket(
+    bind: Option<SocketAddr>,
+    dst: SocketAddr,
+    mark: u32,
+) -> io::Result<std::net::TcpStream> {
+    let socket = tcp_socket(&dst, mark)?;
+    socket.set_tcp_nodelay(true)?;
+    if let Some(bind) = bind {
+        socket.bind(&bind.into())?;
+    }
+    Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A named network namespace with loopback up, deleted on drop.
+    struct TestNamespace(String);
+
+    impl TestNamespace {
+        fn new() -> TestNamespace {
+            assert!(
+                nix::unistd::geteuid().is_root(),
+                "this test creates network namespaces and must run as root"
+            );
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let name = format!(
+                "zt-netns-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            );
+            ip(&["netns", "add", &name]);
+            let ns = TestNamespace(name);
+            ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+            ns
+        }
+
+        fn path(&self) -> PathBuf {
+            Path::new("/var/run/netns").join(&self.0)
+        }
+    }
+
+    impl Drop for TestNamespace {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    fn ip(args: &[&str]) {
+        let status = Command::new("ip").args(args).status().expect("run ip");
+        assert!(status.success(), "ip {args:?} failed: {status}");
+    }
+
+    #[tokio::test]
+    async fn sockets_live_in_the_namespace_and_carry_the_mark() {
+        let ns = TestNamespace::new();
+        let netns = Netns::open(ns.path()).expect("open namespace");
+        let listener = netns
+            .listen("127.0.0.1:0".parse().unwrap(), TUNNEL_MARK)
+            .expect("listen");
+        let addr = listener.local_addr().unwrap();
+
+        let listener_cookie = nix::sys::socket::getsockopt(&listener, NetnsCookie).unwrap();
+        assert_eq!(listener_cookie, netns.cookie().unwrap());
+        let own = Socket::new(Domain::IPV4, Type::DGRAM, None).unwrap();
+        assert_ne!(
+            listener_cookie,
+            nix::sys::socket::getsockopt(&own, NetnsCookie).unwrap(),
+            "the listener must live in the other namespace"
+        );
+
+        let (mut client, accepted) = tokio::join!(
+            async {
+                netns
+                    .connect(None, addr, TUNNEL_MARK)
+                    .await
+                    .expect("connect")
+            },
+            async { listener.accept().await.expect("accept").0 }
+        );
+        client.write_all(b"ping").await.unwrap();
+        let mut accepted = accepted;
+        let mut buf = [0u8; 4];
+        accepted.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        assert_eq!(socket2::SockRef::from(&client).mark().unwrap(), TUNNEL_MARK);
+        assert_eq!(
+            socket2::SockRef::from(&accepted).mark().unwrap(),
+            TUNNEL_MARK
+        );
+    }
+
+    #[test]
+    fn cookies_differ_between_namespaces_and_are_stable() {
+        let a = TestNamespace::new();
+        let b = TestNamespace::new();
+        let a1 = Netns::open(a.path()).unwrap().cookie().unwrap();
+        let a2 = Netns::open(a.path()).unwrap().cookie().unwrap();
+        let b1 = Netns::open(b.path()).unwrap().cookie().unwrap();
+        assert_eq!(a1, a2);
+        assert_ne!(a1, b1);
+    }
+
+    #[test]
+    fn opening_a_missing_namespace_names_it() {
+        let err = Netns::open("/var/run/netns/zt-does-not-exist").unwrap_err();
+        assert!(
+            err.to_string().contains("/var/run/netns/zt-does-not-exist"),
+            "{err}"
+        );
+    }
+}
