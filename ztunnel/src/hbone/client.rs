@@ -27,7 +27,7 @@ use http::{Method, Request, StatusCode, Version};
 use tracing::{debug, warn};
 
 use super::headers::ConnectHeaders;
-use super::{ClientHandshake, Error, H2Stream, Result, settings};
+use super::{ClientTls, Error, H2Stream, Mtls, Result, settings};
 use crate::identity::Identity;
 use crate::proxy::Sockets;
 
@@ -82,7 +82,7 @@ pub struct Pool {
 
 struct Inner {
     config: PoolConfig,
-    tls: Arc<dyn ClientHandshake>,
+    tls: Arc<Mtls>,
     entries: Mutex<HashMap<PoolKey, Entry>>,
     next_id: AtomicU64,
 }
@@ -151,7 +151,7 @@ enum Choice {
 }
 
 impl Pool {
-    pub fn new(config: PoolConfig, tls: Arc<dyn ClientHandshake>) -> Self {
+    pub fn new(config: PoolConfig, tls: Arc<Mtls>) -> Self {
         Pool {
             inner: Arc::new(Inner {
                 config,
@@ -340,7 +340,7 @@ impl Pool {
                 .connect(addr, Some(key.source_ip))
                 .await
                 .map_err(|source| Error::Connect { addr, source })?;
-            let io = self.inner.tls.handshake(tcp, key).await?;
+            let io = self.inner.tls.connect(tcp, key).await?;
             h2::client::Builder::new()
                 .enable_push(false)
                 .initial_window_size(settings::STREAM_WINDOW)
@@ -377,7 +377,7 @@ impl Pool {
         key: PoolKey,
         id: u64,
         load: Arc<ConnLoad>,
-        mut connection: h2::client::Connection<super::BoxIo, Bytes>,
+        mut connection: h2::client::Connection<ClientTls, Bytes>,
     ) {
         let config = self.inner.config.clone();
         let ping_pong = connection.ping_pong();

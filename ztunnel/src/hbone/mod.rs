@@ -1,10 +1,11 @@
 //! HBONE: TCP connections carried as HTTP/2 CONNECT streams over mutual TLS, as Istio
 //! ambient speaks it. `client` pools connections to peers and opens streams on them;
-//! `server` answers CONNECT requests. Both are built on the `h2` crate and are generic
-//! over the secured transport, which the `Handshake` seams provide.
+//! `server` answers CONNECT requests. Both are built on the `h2` crate; `Mtls` secures
+//! the connections with the node's workload certificates.
 
 mod client;
 mod headers;
+mod mtls;
 mod server;
 mod stream;
 
@@ -12,14 +13,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
-
-use crate::identity::Identity;
-
 pub use client::{Pool, PoolConfig, PoolKey};
 pub use headers::{ConnectHeaders, parse_baggage};
+pub use mtls::{ClientTls, Mtls, ServerTls};
 pub use server::{Incoming, RequestError, ServerConfig, serve_connection};
 pub use stream::H2Stream;
 
@@ -36,32 +32,6 @@ pub(crate) mod settings {
     pub const SERVER_MAX_CONCURRENT_STREAMS: u32 = 200;
     /// Streams a client opens on one connection at most (then min with the peer's).
     pub const CLIENT_MAX_STREAMS: usize = 100;
-}
-
-/// A secured byte stream the HTTP/2 layer runs over (TLS in production).
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
-
-/// A boxed secured transport: the HTTP/2 codec only ever sees this.
-pub type BoxIo = Box<dyn Io>;
-
-/// Secures an outbound TCP connection for a pool key: presents the source identity's
-/// certificate and requires the server to prove one of the expected identities.
-pub trait ClientHandshake: Send + Sync + 'static {
-    fn handshake(&self, tcp: TcpStream, key: &PoolKey) -> BoxFuture<'static, Result<BoxIo>>;
-}
-
-/// What the server side learned from securing an inbound connection.
-pub struct Accepted {
-    pub io: BoxIo,
-    /// The client's verified identity; `None` only on an unauthenticated transport.
-    pub peer: Option<Identity>,
-}
-
-/// Secures an inbound TCP connection with the certificate of `local`, the identity of
-/// the workload the connection arrived for, requiring a client certificate.
-pub trait ServerHandshake: Send + Sync + 'static {
-    fn handshake(&self, tcp: TcpStream, local: &Identity) -> BoxFuture<'static, Result<Accepted>>;
 }
 
 /// Why an HBONE operation failed; each variant names the peer or value at fault.

@@ -9,12 +9,13 @@ use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::headers::ConnectHeaders;
-use super::{BoxIo, Error, H2Stream, Result, settings};
+use super::{Error, H2Stream, Result, settings};
 
 /// Tunables of the server side.
 #[derive(Clone, Debug)]
@@ -91,14 +92,15 @@ fn parse(request: &Request<RecvStream>) -> Result<SocketAddr, RequestError> {
 /// goes away or, after `shutdown` fires, its open streams finish (GOAWAY is sent).
 /// Each request is handed to `handler` in a task of its own; those tasks end with the
 /// connection.
-pub async fn serve_connection<F, Fut>(
-    io: BoxIo,
+pub async fn serve_connection<I, F, Fut>(
+    io: I,
     peer: SocketAddr,
     config: &ServerConfig,
     shutdown: CancellationToken,
     handler: F,
 ) -> Result<()>
 where
+    I: AsyncRead + AsyncWrite + Unpin,
     F: Fn(Incoming) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {

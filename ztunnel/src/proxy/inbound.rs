@@ -40,38 +40,26 @@ impl Proxy {
             info!(%peer, error = %Error::NoWorkload(local.ip()), "HBONE connection refused");
             return;
         };
-        let timeout = inner.config.tls_handshake_timeout;
-        let handshake = inner.server_tls.handshake(tcp, &workload.identity);
-        let accepted = match tokio::time::timeout(timeout, handshake).await {
-            Ok(Ok(accepted)) => accepted,
-            Ok(Err(e)) => {
+        // The handshake has its own deadline (`Mtls`), so a silent client is let go.
+        let (io, peer_identity) = match inner.tls.accept(tcp, &workload.identity).await {
+            Ok(accepted) => accepted,
+            Err(e) => {
                 inner.metrics.refused(RefusedReason::Handshake);
-                return info!(%peer, error = %e, "HBONE handshake failed");
-            }
-            Err(_) => {
-                inner.metrics.refused(RefusedReason::Handshake);
-                let e = hbone::Error::HandshakeTimeout(peer, timeout);
                 return info!(%peer, error = %e, "HBONE handshake failed");
             }
         };
-        let peer_identity = accepted.peer;
         let stop = inner.drain.stop.clone();
         let proxy = self.clone();
-        let served = hbone::serve_connection(
-            accepted.io,
-            peer,
-            &inner.config.server,
-            stop,
-            move |incoming| {
+        let served =
+            hbone::serve_connection(io, peer, &inner.config.server, stop, move |incoming| {
                 proxy.clone().inbound_stream(
                     incoming,
                     local,
                     workload.clone(),
                     peer_identity.clone(),
                 )
-            },
-        )
-        .await;
+            })
+            .await;
         if let Err(e) = served {
             if matches!(e, hbone::Error::RequestTimeout(_)) {
                 inner.metrics.refused(RefusedReason::Handshake);
@@ -87,7 +75,7 @@ impl Proxy {
         incoming: Incoming,
         local: SocketAddr,
         workload: LocalWorkload,
-        peer_identity: Option<Identity>,
+        peer_identity: Identity,
     ) {
         let inner = &self.inner;
         let source_ip = incoming.peer.ip();
@@ -132,7 +120,7 @@ impl Proxy {
         if let Verdict::Deny { policy, reason } =
             inner
                 .mesh
-                .authorize(source_ip, peer_identity.as_ref(), target)
+                .authorize(source_ip, Some(&peer_identity), target)
         {
             let error = Error::Denied { policy, reason };
             return refuse(
@@ -142,7 +130,12 @@ impl Proxy {
                 error,
             );
         }
-        let upstream = match inner.sockets.connect(target, Some(local.ip())).await {
+        let upstream = match inner
+            .sockets
+            .within(workload.netns.as_ref())
+            .connect(target, Some(local.ip()))
+            .await
+        {
             Ok(upstream) => upstream,
             Err(source) => {
                 let error = Error::Upstream {
@@ -166,7 +159,7 @@ impl Proxy {
         };
         let endpoints = Endpoints {
             source: incoming.headers.forwarded_for.unwrap_or(incoming.peer),
-            source_identity: peer_identity.clone(),
+            source_identity: Some(peer_identity.clone()),
             source_workload,
             destination: target,
             destination_identity: Some(workload.identity.clone()),
@@ -183,7 +176,7 @@ impl Proxy {
                 let copy = copy::tcp_h2(&upstream, stream, &record.sent, &record.received);
                 tokio::select! {
                     result = copy => result.map_err(Error::from),
-                    denied = self.revoked(source_ip, peer_identity.as_ref(), target) => Err(denied),
+                    denied = self.revoked(source_ip, Some(&peer_identity), target) => Err(denied),
                 }
             }
             Err(e) => Err(e.into()),

@@ -23,8 +23,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::hbone::{self, ClientHandshake, Pool, PoolConfig, ServerConfig, ServerHandshake};
+use crate::hbone::{self, Mtls, Pool, PoolConfig, ServerConfig};
 use crate::identity::Identity;
+use crate::netns::Netns;
 
 pub use copy::CopyError;
 pub use metrics::{Metrics, RefusedReason};
@@ -34,13 +35,16 @@ pub use socket::Sockets;
 pub const TUNNEL_PORTS: [u16; 3] = [15001, 15006, 15008];
 
 /// A workload on this node, as the proxy needs to know it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct LocalWorkload {
     pub name: String,
     pub namespace: String,
     pub identity: Identity,
     /// The address the tunnel's connections for this workload leave from.
     pub ip: IpAddr,
+    /// The workload's network namespace, where the tunnel makes its sockets for it;
+    /// `None`: the tunnel's own (SOCKS5 clients on this host).
+    pub netns: Option<Netns>,
 }
 
 /// Where an outbound connection goes.
@@ -103,8 +107,6 @@ pub struct Config {
     pub mark: Option<u32>,
     pub pool: PoolConfig,
     pub server: ServerConfig,
-    /// Deadline of the inbound TLS handshake.
-    pub tls_handshake_timeout: Duration,
     /// Concurrent inbound connections (HBONE and plaintext together); more are closed
     /// at once and counted.
     pub max_inbound_connections: usize,
@@ -118,7 +120,6 @@ impl Default for Config {
             mark: None,
             pool: PoolConfig::default(),
             server: ServerConfig::default(),
-            tls_handshake_timeout: Duration::from_secs(10),
             max_inbound_connections: 16 * 1024,
             socks5_timeout: Duration::from_secs(10),
         }
@@ -214,7 +215,7 @@ struct Inner {
     config: Config,
     mesh: Arc<dyn Mesh>,
     pool: Pool,
-    server_tls: Arc<dyn ServerHandshake>,
+    tls: Arc<Mtls>,
     sockets: Sockets,
     metrics: Metrics,
     inbound_slots: Arc<Semaphore>,
@@ -226,20 +227,19 @@ impl Proxy {
     pub fn new(
         config: Config,
         mesh: Arc<dyn Mesh>,
-        client_tls: Arc<dyn ClientHandshake>,
-        server_tls: Arc<dyn ServerHandshake>,
+        tls: Arc<Mtls>,
         registry: &mut Registry,
     ) -> Self {
         Proxy {
             inner: Arc::new(Inner {
-                pool: Pool::new(config.pool.clone(), client_tls),
+                pool: Pool::new(config.pool.clone(), tls.clone()),
                 sockets: Sockets::new(config.mark),
                 inbound_slots: Arc::new(Semaphore::new(config.max_inbound_connections)),
                 metrics: Metrics::new(registry),
                 drain: Drain::new(),
                 config,
                 mesh,
-                server_tls,
+                tls,
             }),
         }
     }

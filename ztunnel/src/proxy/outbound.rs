@@ -107,9 +107,10 @@ impl Proxy {
                     source_ip: source.ip,
                 };
                 let headers = ConnectHeaders::outbound(client, &source.name, &source.namespace);
+                let sockets = inner.sockets.within(source.netns.as_ref());
                 let upstream = inner
                     .pool
-                    .connect(&key, &inner.sockets, target, &headers)
+                    .connect(&key, &sockets, target, &headers)
                     .await
                     .map(Upstream::Hbone)
                     .map_err(Error::from);
@@ -125,6 +126,7 @@ impl Proxy {
                 );
                 let upstream = inner
                     .sockets
+                    .within(source.netns.as_ref())
                     .connect(addr, None)
                     .await
                     .map(Upstream::Tcp)

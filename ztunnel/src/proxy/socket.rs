@@ -1,4 +1,6 @@
-//! Every socket the proxy opens is made here, so each one carries the tunnel's mark.
+//! Every socket the proxy opens is made here, so each one carries the tunnel's mark and
+//! lives in the right network namespace: a workload's own (through `netns::Netns`) or,
+//! for workloads without one (SOCKS5 clients on this host, tests), the tunnel's.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -6,16 +8,27 @@ use std::net::{IpAddr, SocketAddr};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use crate::netns::Netns;
+
 /// Makes the proxy's sockets: TCP, non-blocking, with `SO_MARK` set when configured
-/// (the redirect programs leave marked sockets alone).
+/// (the redirect programs leave marked sockets alone), in `netns` when set.
 #[derive(Clone, Debug, Default)]
 pub struct Sockets {
     mark: Option<u32>,
+    netns: Option<Netns>,
 }
 
 impl Sockets {
     pub fn new(mark: Option<u32>) -> Self {
-        Sockets { mark }
+        Sockets { mark, netns: None }
+    }
+
+    /// The same sockets, made inside `netns` (the tunnel's own namespace when `None`).
+    pub fn within(&self, netns: Option<&Netns>) -> Sockets {
+        Sockets {
+            mark: self.mark,
+            netns: netns.cloned(),
+        }
     }
 
     /// Connects to `destination`, from `source` when given (port chosen by the kernel).
@@ -24,6 +37,17 @@ impl Sockets {
         destination: SocketAddr,
         source: Option<IpAddr>,
     ) -> io::Result<TcpStream> {
+        if let Some(netns) = &self.netns {
+            let bind = source.map(|ip| SocketAddr::new(ip, 0));
+            let mark = self.mark.unwrap_or_default();
+            return netns
+                .connect(bind, destination, mark)
+                .await
+                .map_err(|e| match e {
+                    crate::netns::Error::Connect { source, .. } => source,
+                    other => io::Error::other(other),
+                });
+        }
         let socket = self.socket(destination)?;
         let socket = TcpSocket::from_std_stream(socket.into());
         if let Some(ip) = source {
@@ -35,7 +59,7 @@ impl Sockets {
         Ok(tcp)
     }
 
-    /// Listens on `address` (backlog 1024).
+    /// Listens on `address` (backlog 1024) in the tunnel's own namespace.
     pub fn listen(&self, address: SocketAddr) -> io::Result<TcpListener> {
         let socket = self.socket(address)?;
         socket.set_reuse_address(true)?;
