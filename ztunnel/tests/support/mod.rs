@@ -22,6 +22,8 @@ use ztunnel::proxy::{Config, LocalWorkload, Mesh, Proxy, Route, Verdict};
 use ztunnel::tls;
 
 pub const TD: &str = "cluster.local";
+/// TLS handshake deadline of the tunnels of a `Pair`.
+pub const TLS_DEADLINE: Duration = Duration::from_secs(1);
 
 pub fn id(namespace: &str, sa: &str) -> Identity {
     Identity::new(TD, namespace, sa).expect("valid identity")
@@ -147,14 +149,22 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn new(pki: &Pki, mesh: Arc<TestMesh>, config: Config, identities: &[&Identity]) -> Node {
+    /// A tunnel holding certificates for `identities`; `tls_deadline` bounds each
+    /// TLS handshake.
+    pub fn new(
+        pki: &Pki,
+        mesh: Arc<TestMesh>,
+        config: Config,
+        identities: &[&Identity],
+        tls_deadline: Duration,
+    ) -> Node {
         let certs = pki.node_certificates(identities);
         let tls_metrics = tls::Metrics::default();
         let mtls = Mtls::new(
             certs,
             pki.trust.clone(),
             TD,
-            Duration::from_secs(5),
+            tls_deadline,
             tls_metrics.clone(),
         );
         let mut registry = Registry::default();
@@ -179,6 +189,24 @@ impl Node {
         let bound = listener.local_addr().expect("bound");
         let proxy = self.proxy.clone();
         tokio::spawn(async move { proxy.serve_inbound(listener).await });
+        bound
+    }
+
+    /// Serves inbound plaintext on `addr`, delivering every connection to `destination`
+    /// (what `sk_lookup` steering gives as the local address).
+    pub fn serve_plaintext(&self, addr: SocketAddr, destination: SocketAddr) -> SocketAddr {
+        let listener = self
+            .proxy
+            .sockets()
+            .listen(addr)
+            .expect("plaintext listener");
+        let bound = listener.local_addr().expect("bound");
+        let proxy = self.proxy.clone();
+        tokio::spawn(async move {
+            proxy
+                .serve_inbound_plaintext(listener, move |_| Ok(destination))
+                .await
+        });
         bound
     }
 
@@ -219,8 +247,20 @@ impl Pair {
         let mesh = TestMesh::new();
         mesh.add_workload("client", client_identity.clone(), client_ip);
         mesh.add_workload("server", server_identity.clone(), server_ip);
-        let client = Node::new(&pki, mesh.clone(), config.clone(), &[&client_identity]);
-        let server = Node::new(&pki, mesh.clone(), config, &[&server_identity]);
+        let client = Node::new(
+            &pki,
+            mesh.clone(),
+            config.clone(),
+            &[&client_identity],
+            TLS_DEADLINE,
+        );
+        let server = Node::new(
+            &pki,
+            mesh.clone(),
+            config,
+            &[&server_identity],
+            TLS_DEADLINE,
+        );
         let hbone = server.serve_inbound(SocketAddr::new(server_ip, 0));
         let socks = client.serve_socks5(SocketAddr::new(socks_ip, 0));
         let pair = Pair {
