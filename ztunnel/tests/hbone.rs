@@ -189,3 +189,122 @@ async fn passthrough_for_unmeshed_destination() {
     round_trip(&mut tcp, b"plain").await;
     assert_eq!(pair.client.proxy.pool().total_connections(), 0);
 }
+
+#[tokio::test]
+async fn idle_connections_close() {
+    let mut config = Config::default();
+    config.pool.idle_timeout = Duration::from_millis(300);
+    let pair = Pair::new(17, config).await;
+    let mut tcp = pair.connect(pair.echo).await.unwrap();
+    round_trip(&mut tcp, b"once").await;
+    drop(tcp);
+    assert_eq!(pair.client.proxy.pool().total_connections(), 1);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(pair.client.proxy.pool().total_connections(), 0);
+    // And a new connection opens a new one.
+    let mut tcp = pair.connect(pair.echo).await.unwrap();
+    round_trip(&mut tcp, b"again").await;
+}
+
+/// An HBONE server that answers the first CONNECT with 200 and then never reads its
+/// connection again (so it never answers a PING).
+async fn unresponsive_server(pair: &Pair, addr: SocketAddr) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let bound = listener.local_addr().unwrap();
+    let certs = pair.pki.node_certificates(&[&pair.server_identity]);
+    let mtls = ztunnel::hbone::Mtls::new(
+        certs,
+        pair.pki.trust.clone(),
+        support::TD,
+        Duration::from_secs(5),
+        ztunnel::tls::Metrics::default(),
+    );
+    let server_identity = pair.server_identity.clone();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (tls, _) = mtls.accept(tcp, &server_identity).await.unwrap();
+        let mut connection = h2::server::handshake(tls).await.unwrap();
+        let (_request, mut respond) = connection.accept().await.unwrap().unwrap();
+        let _stream = respond
+            .send_response(http::Response::new(()), false)
+            .unwrap();
+        // Flush the answer, then stop driving the connection.
+        let _ = tokio::time::timeout(Duration::from_millis(100), connection.accept()).await;
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(connection);
+    });
+    bound
+}
+
+#[tokio::test]
+async fn unanswered_pings_drop_the_connection() {
+    let mut config = Config::default();
+    config.pool.keepalive_interval = Duration::from_millis(200);
+    config.pool.keepalive_timeout = Duration::from_millis(400);
+    let pair = Pair::new(18, config).await;
+    let endpoint = unresponsive_server(&pair, "127.0.18.5:0".parse().unwrap()).await;
+    let target: SocketAddr = "127.0.18.5:9".parse().unwrap();
+    pair.mesh.add_route(
+        target,
+        ztunnel::proxy::Route::Hbone {
+            endpoint,
+            target,
+            identities: vec![pair.server_identity.clone()],
+            workload: None,
+        },
+    );
+    let mut tcp = pair.connect(target).await.unwrap();
+    assert_eq!(pair.client.proxy.pool().total_connections(), 1);
+    // The stream dies with its connection: the application sees a reset.
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Err(_))), "{read:?}");
+    assert_eq!(pair.client.proxy.pool().total_connections(), 0);
+}
+
+/// Sends a SOCKS5 greeting and `request`; returns the reply code.
+async fn socks_reply(pair: &Pair, greeting: &[u8], request: &[u8]) -> Vec<u8> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(pair.client_ip, 0)).unwrap();
+    let mut tcp = socket.connect(pair.socks).await.unwrap();
+    tcp.write_all(greeting).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut reply)).await;
+    reply
+}
+
+#[tokio::test]
+async fn socks5_refuses_what_it_does_not_speak() {
+    let pair = Pair::new(19, Config::default()).await;
+    // Only username/password offered: no acceptable method.
+    assert_eq!(socks_reply(&pair, &[5, 1, 2], &[]).await, [5, 0xff]);
+    // A domain name.
+    let reply = socks_reply(
+        &pair,
+        &[5, 1, 0],
+        &[5, 1, 0, 3, 4, b'h', b'o', b's', b't', 0, 80],
+    )
+    .await;
+    assert_eq!(reply[..4], [5, 0, 5, 8]);
+    // BIND instead of CONNECT.
+    let reply = socks_reply(&pair, &[5, 1, 0], &[5, 2, 0, 1, 127, 0, 19, 3, 0, 80]).await;
+    assert_eq!(reply[..4], [5, 0, 5, 7]);
+    // A client that goes away in the middle of its greeting.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.19.99:0".parse().unwrap()).unwrap();
+    let stranger = socket.connect(pair.socks).await.unwrap();
+    drop(stranger);
+    // A client address no local workload owns.
+    let error = support::socks5_connect(pair.socks, "127.0.19.98".parse().unwrap(), pair.echo)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("SOCKS5 reply 2"), "{error}");
+    assert_eq!(
+        pair.client
+            .proxy
+            .metrics()
+            .refused_count(ztunnel::proxy::RefusedReason::Socks),
+        5
+    );
+}

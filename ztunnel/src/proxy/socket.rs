@@ -80,3 +80,24 @@ impl Sockets {
         Ok(socket)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs CAP_NET_ADMIN (root) to set SO_MARK.
+    #[tokio::test]
+    async fn sockets_carry_the_mark() {
+        let sockets = Sockets::new(Some(0x539));
+        let listener = sockets.listen("127.0.31.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tcp = sockets
+            .connect(addr, Some("127.0.31.2".parse().unwrap()))
+            .await
+            .expect("connect with SO_MARK (needs CAP_NET_ADMIN)");
+        assert_eq!(socket2::SockRef::from(&tcp).mark().unwrap(), 0x539);
+        assert_eq!(socket2::SockRef::from(&listener).mark().unwrap(), 0x539);
+        assert_eq!(tcp.local_addr().unwrap().ip().to_string(), "127.0.31.2");
+        assert!(tcp.nodelay().unwrap());
+    }
+}
