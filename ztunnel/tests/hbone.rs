@@ -308,3 +308,89 @@ async fn socks5_refuses_what_it_does_not_speak() {
         5
     );
 }
+
+/// Collects what the `fmt` subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// One thread: every task of both tunnels logs through the subscriber set here.
+#[tokio::test(flavor = "current_thread")]
+async fn one_access_log_event_per_connection_at_close() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter("access=info")
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let pair = Pair::new(20, Config::default()).await;
+    let mut tcp = pair.connect(pair.echo).await.unwrap();
+    let client_addr = tcp.local_addr().unwrap();
+    round_trip(&mut tcp, b"0123456789").await;
+    tcp.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tcp.read_to_end(&mut rest).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 2, "one per tunnel: {text}");
+    for event in &events {
+        let fields = &event["fields"];
+        assert_eq!(fields["message"], "connection closed");
+        assert_eq!(
+            fields["src.identity"],
+            "spiffe://cluster.local/ns/front/sa/client"
+        );
+        assert_eq!(
+            fields["dst.identity"],
+            "spiffe://cluster.local/ns/back/sa/server"
+        );
+        assert_eq!(fields["dst.addr"], pair.echo.to_string());
+        // The server tunnel learns the application's address from `forwarded`.
+        assert_eq!(fields["src.addr"], client_addr.to_string());
+        assert_eq!(fields["bytes_sent"], 10);
+        assert_eq!(fields["bytes_received"], 10);
+        assert_eq!(fields["result"], "ok");
+        assert!(fields["duration_ms"].is_u64());
+    }
+}
+
+#[tokio::test]
+async fn outbound_capture_listener_uses_the_original_destination() {
+    let pair = Pair::new(10, Config::default()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.10.2:0").await.unwrap();
+    let capture = listener.local_addr().unwrap();
+    let source = ztunnel::proxy::LocalWorkload {
+        name: "client".to_owned(),
+        namespace: "front".to_owned(),
+        identity: pair.client_identity.clone(),
+        ip: pair.client_ip,
+        netns: None,
+    };
+    let echo = pair.echo;
+    let proxy = pair.client.proxy.clone();
+    tokio::spawn(async move {
+        proxy
+            .serve_outbound(listener, source, move |_, _| Ok(echo))
+            .await
+    });
+    let mut tcp = TcpStream::connect(capture).await.unwrap();
+    round_trip(&mut tcp, b"captured").await;
+    assert_eq!(pair.client.proxy.pool().connections(&pair.key()), 1);
+}
