@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use ztunnel::proxy::Config;
 
-use support::Pair;
+use support::{Pair, round_trip};
 
 const BLOCK: usize = 1024 * 1024;
 
@@ -25,13 +25,6 @@ fn block(index: u64, buf: &mut [u8]) {
         x ^= x << 17;
         chunk.copy_from_slice(&x.to_le_bytes());
     }
-}
-
-async fn round_trip(tcp: &mut TcpStream, message: &[u8]) {
-    tcp.write_all(message).await.unwrap();
-    let mut back = vec![0u8; message.len()];
-    tcp.read_exact(&mut back).await.unwrap();
-    assert_eq!(back, message);
 }
 
 #[tokio::test]
@@ -62,11 +55,7 @@ async fn many_connections_share_one_tls_connection() {
         task.await.unwrap();
     }
     assert_eq!(pair.client.proxy.pool().total_connections(), 1);
-    let metrics = pair.client.metrics_text();
-    assert!(
-        metrics.contains("istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"front\",source_principal=\"spiffe://cluster.local/ns/front/sa/client\",destination_workload=\"server\",destination_workload_namespace=\"back\",destination_principal=\"spiffe://cluster.local/ns/back/sa/server\",connection_security_policy=\"mutual_tls\"} 50"),
-        "{metrics}"
-    );
+    pair.client.assert_metric("istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"front\",source_principal=\"spiffe://cluster.local/ns/front/sa/client\",destination_workload=\"server\",destination_workload_namespace=\"back\",destination_principal=\"spiffe://cluster.local/ns/back/sa/server\",connection_security_policy=\"mutual_tls\"} 50");
 }
 
 #[tokio::test]

@@ -16,14 +16,7 @@ use ztunnel::hbone::{ClientTls, Mtls};
 use ztunnel::proxy::{Config, RefusedReason};
 use ztunnel::tls::{self, FailureReason, Side};
 
-use support::{Node, Pair, TD, TLS_DEADLINE};
-
-async fn round_trip(tcp: &mut TcpStream, message: &[u8]) {
-    tcp.write_all(message).await.unwrap();
-    let mut back = vec![0u8; message.len()];
-    tcp.read_exact(&mut back).await.unwrap();
-    assert_eq!(back, message);
-}
+use support::{Node, Pair, TD, TLS_DEADLINE, round_trip};
 
 /// Reads until the connection ends; true when it ended with an error (reset).
 async fn ends(tcp: &mut TcpStream) -> std::io::Result<()> {
@@ -131,11 +124,7 @@ async fn refusals_reach_the_application_as_resets() {
     // The HBONE 401 fails the SOCKS5 CONNECT (reply "host unreachable").
     let error = pair.connect(pair.echo).await.unwrap_err();
     assert!(error.to_string().contains("SOCKS5 reply 4"), "{error}");
-    let access = pair.client.metrics_text();
-    assert!(
-        access.contains("istio_tcp_connections_closed_total{reporter=\"source\""),
-        "{access}"
-    );
+    pair.client.assert_metric("istio_tcp_connections_closed_total{reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"front\",source_principal=\"spiffe://cluster.local/ns/front/sa/client\",destination_workload=\"server\",destination_workload_namespace=\"back\",destination_principal=\"spiffe://cluster.local/ns/back/sa/server\",connection_security_policy=\"mutual_tls\"} 1");
 }
 
 #[tokio::test]
@@ -167,11 +156,7 @@ async fn plaintext_strict_resets_and_counts_permissive_forwards() {
     tcp.shutdown().await.unwrap();
     ends(&mut tcp).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let text = pair.server.metrics_text();
-    assert!(
-        text.contains("istio_tcp_received_bytes_total{reporter=\"destination\",source_workload=\"unknown\",source_workload_namespace=\"unknown\",source_principal=\"unknown\",destination_workload=\"server\",destination_workload_namespace=\"back\",destination_principal=\"spiffe://cluster.local/ns/back/sa/server\",connection_security_policy=\"none\"} 10"),
-        "{text}"
-    );
+    pair.server.assert_metric("istio_tcp_received_bytes_total{reporter=\"destination\",source_workload=\"unknown\",source_workload_namespace=\"unknown\",source_principal=\"unknown\",destination_workload=\"server\",destination_workload_namespace=\"back\",destination_principal=\"spiffe://cluster.local/ns/back/sa/server\",connection_security_policy=\"none\"} 10");
 }
 
 #[tokio::test]

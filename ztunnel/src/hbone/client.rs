@@ -424,10 +424,7 @@ impl Pool {
             if since.is_some() && wait.is_zero() {
                 let mut entries = lock(&self.inner.entries);
                 if load.active.load(Ordering::Acquire) == 0 {
-                    load.closed.store(true, Ordering::Release);
-                    if let Some(entry) = entries.get_mut(key) {
-                        entry.conns.retain(|c| c.id != id);
-                    }
+                    remove(&mut entries, key, id);
                     return format!("idle for {timeout:?}");
                 }
             }
@@ -436,15 +433,20 @@ impl Pool {
     }
 
     fn evict(&self, key: &PoolKey, id: u64) {
-        let mut entries = lock(&self.inner.entries);
-        if let Some(entry) = entries.get_mut(key) {
-            for conn in entry.conns.iter().filter(|c| c.id == id) {
-                conn.load.closed.store(true, Ordering::Release);
-            }
-            entry.conns.retain(|c| c.id != id);
-            if entry.conns.is_empty() && entry.pending.is_none() {
-                entries.remove(key);
-            }
+        remove(&mut lock(&self.inner.entries), key, id);
+    }
+}
+
+/// Takes connection `id` of `key` out of the pool (no stream is placed on it after
+/// this), and the key itself once it has nothing left.
+fn remove(entries: &mut HashMap<PoolKey, Entry>, key: &PoolKey, id: u64) {
+    if let Some(entry) = entries.get_mut(key) {
+        for conn in entry.conns.iter().filter(|c| c.id == id) {
+            conn.load.closed.store(true, Ordering::Release);
+        }
+        entry.conns.retain(|c| c.id != id);
+        if entry.conns.is_empty() && entry.pending.is_none() {
+            entries.remove(key);
         }
     }
 }

@@ -109,26 +109,31 @@ impl Metrics {
             received: Family::default(),
             refused: Family::default(),
         };
-        registry.register(
-            "istio_tcp_connections_opened",
-            "TCP connections opened",
-            metrics.opened.clone(),
-        );
-        registry.register(
-            "istio_tcp_connections_closed",
-            "TCP connections closed",
-            metrics.closed.clone(),
-        );
-        registry.register(
-            "istio_tcp_sent_bytes",
-            "Bytes sent toward the client (from the destination)",
-            metrics.sent.clone(),
-        );
-        registry.register(
-            "istio_tcp_received_bytes",
-            "Bytes received from the client (toward the destination)",
-            metrics.received.clone(),
-        );
+        let tcp = [
+            (
+                "istio_tcp_connections_opened",
+                "TCP connections opened",
+                &metrics.opened,
+            ),
+            (
+                "istio_tcp_connections_closed",
+                "TCP connections closed",
+                &metrics.closed,
+            ),
+            (
+                "istio_tcp_sent_bytes",
+                "Bytes sent toward the client (from the destination)",
+                &metrics.sent,
+            ),
+            (
+                "istio_tcp_received_bytes",
+                "Bytes received from the client (toward the destination)",
+                &metrics.received,
+            ),
+        ];
+        for (name, help, family) in tcp {
+            registry.register(name, help, family.clone());
+        }
         registry.register(
             "ztunnel_connections_refused",
             "Connections or HBONE requests refused, by reason",

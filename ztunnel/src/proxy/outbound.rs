@@ -83,6 +83,10 @@ impl Proxy {
             destination_identity: None,
             destination_workload: None,
         };
+        let open = |security, endpoints| {
+            ConnectionRecord::open(&inner.metrics, Reporter::Source, security, endpoints)
+        };
+        let sockets = inner.sockets.within(source.netns.as_ref());
         match inner.mesh.route(source, destination) {
             Route::Hbone {
                 endpoint,
@@ -94,12 +98,7 @@ impl Proxy {
                 endpoints.destination = target;
                 endpoints.destination_identity = identities.first().cloned();
                 endpoints.destination_workload = workload;
-                let record = ConnectionRecord::open(
-                    &inner.metrics,
-                    Reporter::Source,
-                    SecurityPolicy::MutualTls,
-                    endpoints,
-                );
+                let record = open(SecurityPolicy::MutualTls, endpoints);
                 let key = PoolKey {
                     source_identity: source.identity.clone(),
                     destination_identities: identities,
@@ -107,7 +106,6 @@ impl Proxy {
                     source_ip: source.ip,
                 };
                 let headers = ConnectHeaders::outbound(client, &source.name, &source.namespace);
-                let sockets = inner.sockets.within(source.netns.as_ref());
                 let upstream = inner
                     .pool
                     .connect(&key, &sockets, target, &headers)
@@ -118,15 +116,8 @@ impl Proxy {
             }
             Route::Passthrough(addr) => {
                 endpoints.destination = addr;
-                let record = ConnectionRecord::open(
-                    &inner.metrics,
-                    Reporter::Source,
-                    SecurityPolicy::None,
-                    endpoints,
-                );
-                let upstream = inner
-                    .sockets
-                    .within(source.netns.as_ref())
+                let record = open(SecurityPolicy::None, endpoints);
+                let upstream = sockets
                     .connect(addr, None)
                     .await
                     .map(Upstream::Tcp)
@@ -135,12 +126,7 @@ impl Proxy {
             }
             Route::Refuse(reason) => {
                 inner.metrics.refused(RefusedReason::Route);
-                let record = ConnectionRecord::open(
-                    &inner.metrics,
-                    Reporter::Source,
-                    SecurityPolicy::None,
-                    endpoints,
-                );
+                let record = open(SecurityPolicy::None, endpoints);
                 Outbound {
                     record,
                     upstream: Err(Error::Refused {

@@ -183,6 +183,12 @@ impl Node {
         text
     }
 
+    /// Asserts the metrics hold `line` exactly (series and value).
+    pub fn assert_metric(&self, line: &str) {
+        let text = self.metrics_text();
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+
     /// Serves HBONE on `addr`; returns the bound address.
     pub fn serve_inbound(&self, addr: SocketAddr) -> SocketAddr {
         let listener = self.proxy.sockets().listen(addr).expect("HBONE listener");
@@ -328,6 +334,14 @@ impl Pair {
     pub async fn connect(&self, destination: SocketAddr) -> std::io::Result<TcpStream> {
         socks5_connect(self.socks, self.client_ip, destination).await
     }
+}
+
+/// Writes `message` and expects it back.
+pub async fn round_trip(tcp: &mut TcpStream, message: &[u8]) {
+    tcp.write_all(message).await.expect("write");
+    let mut back = vec![0u8; message.len()];
+    tcp.read_exact(&mut back).await.expect("read");
+    assert_eq!(back, message);
 }
 
 /// Echoes until EOF, then closes its side.
