@@ -144,10 +144,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Which connections a new stream may take.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// The least loaded one, unless all carry bulk streams and the key may grow.
+    Spread,
+    /// The least loaded one (after waiting for a handshake).
+    Any,
+    /// An existing one only; never start a handshake.
+    Existing,
+}
+
 /// What `checkout` decided under the lock.
 enum Choice {
     Use(Arc<Conn>, StreamLoad),
     Wait(Pending),
+    /// `Want::Existing` and no connection has room.
+    Declined,
 }
 
 impl Pool {
@@ -242,24 +255,32 @@ impl Pool {
     }
 
     async fn checkout(&self, key: &PoolKey, sockets: &Sockets) -> Result<(Arc<Conn>, StreamLoad)> {
-        let mut waited = false;
+        let mut want = Want::Spread;
         loop {
-            let choice = self.choose(key, sockets, waited);
-            match choice {
+            match self.choose(key, sockets, want) {
                 Choice::Use(conn, load) => return Ok((conn, load)),
                 Choice::Wait(pending) => {
-                    pending
-                        .await
-                        .map_err(|reason| Error::Setup(key.destination, reason))?;
-                    waited = true;
+                    if let Err(reason) = pending.await {
+                        // An extra connection (for spreading) failed: the existing
+                        // ones still serve. Without any, the failure is the answer.
+                        return match self.choose(key, sockets, Want::Existing) {
+                            Choice::Use(conn, load) => Ok((conn, load)),
+                            Choice::Wait(_) | Choice::Declined => {
+                                Err(Error::Setup(key.destination, reason))
+                            }
+                        };
+                    }
+                    want = Want::Any;
+                }
+                Choice::Declined => {
+                    return Err(Error::Setup(key.destination, "no connection".to_owned()));
                 }
             }
         }
     }
 
-    /// Picks a connection for a new stream, or the handshake to wait for. Once a
-    /// caller has waited for a handshake it takes the best connection there is.
-    fn choose(&self, key: &PoolKey, sockets: &Sockets, waited: bool) -> Choice {
+    /// Picks a connection for a new stream, or the handshake to wait for.
+    fn choose(&self, key: &PoolKey, sockets: &Sockets, want: Want) -> Choice {
         let config = &self.inner.config;
         let mut entries = lock(&self.inner.entries);
         let entry = entries.entry(key.clone()).or_default();
@@ -284,7 +305,7 @@ impl Pool {
         if let Some(conn) = best {
             let all_bulk = conn.load.bulk.load(Ordering::Relaxed) > 0;
             let may_grow = entry.conns.len() < config.max_connections_per_key;
-            if waited || !all_bulk || !may_grow {
+            if want != Want::Spread || !all_bulk || !may_grow {
                 conn.load.active.fetch_add(1, Ordering::AcqRel);
                 *lock(&conn.load.idle_since) = None;
                 let load = StreamLoad {
@@ -295,6 +316,12 @@ impl Pool {
                 };
                 return Choice::Use(conn.clone(), load);
             }
+        }
+        if want == Want::Existing {
+            if entry.conns.is_empty() && entry.pending.is_none() {
+                entries.remove(key);
+            }
+            return Choice::Declined;
         }
         if let Some(pending) = &entry.pending {
             return Choice::Wait(pending.clone());
