@@ -383,3 +383,48 @@ async fn outbound_capture_listener_uses_the_original_destination() {
     round_trip(&mut tcp, b"captured").await;
     assert_eq!(pair.client.proxy.pool().connections(&pair.key()), 1);
 }
+
+#[tokio::test]
+async fn wrong_server_identity_or_dead_endpoint_fail_cleanly() {
+    let pair = Pair::new(9, Config::default()).await;
+    // The server tunnel proves back/server; this route expects someone else.
+    let impostor: SocketAddr = "127.0.9.3:7".parse().unwrap();
+    pair.mesh.add_route(
+        impostor,
+        ztunnel::proxy::Route::Hbone {
+            endpoint: pair.hbone,
+            target: impostor,
+            identities: vec![support::id("back", "someone-else")],
+            workload: None,
+        },
+    );
+    let error = pair.connect(impostor).await.unwrap_err();
+    assert!(error.to_string().contains("SOCKS5 reply 4"), "{error}");
+    assert_eq!(
+        pair.client.tls_metrics.failures(
+            ztunnel::tls::Side::client,
+            ztunnel::tls::FailureReason::identity_mismatch
+        ),
+        1
+    );
+    // Nothing listens on this HBONE endpoint.
+    let gone = tokio::net::TcpListener::bind("127.0.9.4:0").await.unwrap();
+    let endpoint = gone.local_addr().unwrap();
+    drop(gone);
+    let target: SocketAddr = "127.0.9.4:7".parse().unwrap();
+    pair.mesh.add_route(
+        target,
+        ztunnel::proxy::Route::Hbone {
+            endpoint,
+            target,
+            identities: vec![pair.server_identity.clone()],
+            workload: None,
+        },
+    );
+    let error = pair.connect(target).await.unwrap_err();
+    assert!(error.to_string().contains("SOCKS5 reply 4"), "{error}");
+    assert_eq!(pair.client.proxy.pool().total_connections(), 0);
+    // The good route still works.
+    let mut tcp = pair.connect(pair.echo).await.unwrap();
+    round_trip(&mut tcp, b"fine").await;
+}
