@@ -358,6 +358,11 @@ async fn one_access_log_event_per_connection_at_close() {
         assert_eq!(fields["result"], "ok");
         assert!(fields["duration_ms"].is_u64());
     }
+    assert!(events[0]["fields"]["traceparent"].is_string());
+    assert_eq!(
+        events[0]["fields"]["traceparent"],
+        events[1]["fields"]["traceparent"]
+    );
 }
 
 #[tokio::test]

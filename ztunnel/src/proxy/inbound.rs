@@ -164,6 +164,7 @@ impl Proxy {
             destination: target,
             destination_identity: Some(workload.identity.clone()),
             destination_workload: Some((workload.name.clone(), workload.namespace.clone())),
+            traceparent: incoming.headers.traceparent.clone(),
         };
         let record = ConnectionRecord::open(
             &inner.metrics,

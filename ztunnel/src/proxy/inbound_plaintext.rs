@@ -96,6 +96,7 @@ impl Proxy {
                 destination,
                 destination_identity: Some(workload.identity.clone()),
                 destination_workload: Some((workload.name.clone(), workload.namespace.clone())),
+                traceparent: None,
             },
         );
         let copy = copy::tcp_tcp(&tcp, &upstream, &record.received, &record.sent);

@@ -163,6 +163,8 @@ pub struct Endpoints {
     pub destination: SocketAddr,
     pub destination_identity: Option<Identity>,
     pub destination_workload: Option<(String, String)>,
+    /// The W3C `traceparent` of the HBONE stream: the same in both tunnels' logs.
+    pub traceparent: Option<String>,
 }
 
 /// One proxied connection from open to close: counts it opened, meters its bytes,
@@ -234,6 +236,7 @@ impl<'m> ConnectionRecord<'m> {
             src.identity = id(&e.source_identity),
             dst.addr = %e.destination,
             dst.identity = id(&e.destination_identity),
+            traceparent = e.traceparent.as_deref(),
             bytes_sent = self.sent.get(),
             bytes_received = self.received.get(),
             duration_ms = self.start.elapsed().as_millis() as u64,

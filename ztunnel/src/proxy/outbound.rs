@@ -82,6 +82,7 @@ impl Proxy {
             destination,
             destination_identity: None,
             destination_workload: None,
+            traceparent: None,
         };
         let open = |security, endpoints| {
             ConnectionRecord::open(&inner.metrics, Reporter::Source, security, endpoints)
@@ -98,6 +99,8 @@ impl Proxy {
                 endpoints.destination = target;
                 endpoints.destination_identity = identities.first().cloned();
                 endpoints.destination_workload = workload;
+                let headers = ConnectHeaders::outbound(client, &source.name, &source.namespace);
+                endpoints.traceparent = headers.traceparent.clone();
                 let record = open(SecurityPolicy::MutualTls, endpoints);
                 let key = PoolKey {
                     source_identity: source.identity.clone(),
@@ -105,7 +108,6 @@ impl Proxy {
                     destination: endpoint,
                     source_ip: source.ip,
                 };
-                let headers = ConnectHeaders::outbound(client, &source.name, &source.namespace);
                 let upstream = inner
                     .pool
                     .connect(&key, &sockets, target, &headers)
