@@ -5,3 +5,4 @@
 
 pub mod identity;
 pub mod netns;
+pub mod redirect;
