@@ -170,8 +170,8 @@ impl Node {
             &node.ns.name,
         ])?;
         fabric.ip(&["link", "set", &port, "master", "br0", "up"])?;
-        node.ns.sysctl("net.ipv4.ip_forward", "1")?;
-        node.ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        node.ns
+            .sysctl(&["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
         node.ns
             .ip(&["addr", "add", &format!("{}/24", node.ip()), "dev", "eth0"])?;
         node.ns.ip(&[
@@ -402,6 +402,13 @@ impl Namespace {
     fn create(name: String) -> Result<Namespace> {
         run(Command::new("ip").args(["netns", "add", &name]))?;
         let ns = Namespace { name };
+        // No duplicate address detection: addresses, link-local ones included, are
+        // usable at once, so a test's first IPv6 packet is not lost to a tentative
+        // address.
+        ns.sysctl(&[
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ])?;
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -414,11 +421,9 @@ impl Namespace {
         run(Command::new("ip").args(["-n", &self.name]).args(args)).map(drop)
     }
 
-    fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        run(self
-            .command("sysctl")
-            .args(["-q", "-w", &format!("{key}={value}")]))
-        .map(drop)
+    /// Sets `key=value` settings inside the namespace.
+    fn sysctl(&self, settings: &[&str]) -> Result<()> {
+        run(self.command("sysctl").args(["-q", "-w"]).args(settings)).map(drop)
     }
 
     fn command(&self, program: &str) -> Command {

@@ -235,9 +235,6 @@ fn tcp_socket(addr: &SocketAddr, mark: u32) -> io::Result<Socket> {
     )?;
     socket.set_mark(mark)?;
     socket.set_nonblocking(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
     Ok(socket)
 }
 
@@ -245,6 +242,7 @@ fn listening_socket(addr: SocketAddr, mark: u32) -> io::Result<std::net::TcpList
     let socket = tcp_socket(&addr, mark)?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
         socket.set_freebind_v6(true)?;
     } else {
         socket.set_freebind_v4(true)?;

@@ -45,6 +45,9 @@ pub mod maps {
     pub const EXCLUDED_V4: &str = "EXCLUDED_V4";
     /// `LpmTrie<[u8; 16], u8>`: IPv6 destination prefixes never steered.
     pub const EXCLUDED_V6: &str = "EXCLUDED_V6";
+    /// `HashMap<Address, u64 netns cookie>`: the addresses of enrolled pods, whose
+    /// inbound SYNs are steered (or dropped while the tunnel is away).
+    pub const ENROLLED_ADDRESSES: &str = "ENROLLED_ADDRESSES";
     /// `SockHash<Address>`: each enrolled pod's inbound plaintext listener, keyed by the
     /// pod address it serves.
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";

@@ -15,9 +15,12 @@
 //! - `forget_released` (`cgroup/sock_release`): drops the per-socket entry of a socket
 //!   closed before it connected; both destination maps are also LRU-bounded.
 //! - `steer_inbound` (`sk_lookup`, attached to each enrolled pod's namespace): a TCP SYN
-//!   to any port of the pod but the HBONE port, not sent by the pod to itself and not to
-//!   loopback, goes to the tunnel's inbound listener for that pod address. When that
-//!   listener is missing (tunnel away) the SYN is dropped: steering fails closed.
+//!   to any port of an enrolled pod address but the HBONE port, not sent by the pod to
+//!   itself and not to loopback, goes to the tunnel's inbound listener for that address.
+//!   When that listener is missing (tunnel away) the SYN is dropped (the kernel then
+//!   answers as for a closed port): steering fails closed. The registered addresses are
+//!   checked first, so a released pod is left alone at once, before the kernel detaches
+//!   the program (which it does after an RCU grace period).
 #![no_std]
 #![no_main]
 
@@ -30,6 +33,7 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::{error, warn};
+use core::ptr::{read_volatile, write_volatile};
 use ztunnel_ebpf_common::{
     AF_INET, AF_INET6, Address, ConnectionKey, EnrolledPod, HBONE_PORT, OUTBOUND_PORT,
     SockAddr, TUNNEL_MARK,
@@ -61,6 +65,8 @@ static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(MAX_EXCLUSIONS, 0);
 static EXCLUDED_V4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(MAX_EXCLUSIONS, 0);
 #[map]
 static EXCLUDED_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_EXCLUSIONS, 0);
+#[map]
+static ENROLLED_ADDRESSES: HashMap<Address, u64> = HashMap::pinned(2 * MAX_PODS, 0);
 #[map]
 static INBOUND_LISTENERS: SockHash<Address> = SockHash::pinned(2 * MAX_PODS, 0);
 
@@ -107,23 +113,51 @@ fn try_steer_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     let Some(pod) = steerable_pod(ctx, addr) else {
         return Ok(CONNECT_ALLOW);
     };
-    let ip = addr.user_ip6;
+    let ip = read_ip6(&addr.user_ip6);
     let port = u16::from_be(addr.user_port as u16);
     if ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_PREFIX {
         if !steered_v4(&pod, ip[3], port) {
             return Ok(CONNECT_ALLOW);
         }
         record_destination(ctx, Address::v4(ip[3]), port)?;
-        addr.user_ip6[3] = LOOPBACK_V4;
+        set_user_ip6(addr, [0, 0, V4_MAPPED_PREFIX, LOOPBACK_V4]);
     } else {
         if ip == LOOPBACK_V6 || ip == pod.ipv6 || excluded_port(port) || excluded_v6(ip) {
             return Ok(CONNECT_ALLOW);
         }
         record_destination(ctx, Address::v6(ip), port)?;
-        addr.user_ip6 = LOOPBACK_V6;
+        set_user_ip6(addr, LOOPBACK_V6);
     }
     addr.user_port = u32::from(OUTBOUND_PORT.to_be());
     Ok(CONNECT_ALLOW)
+}
+
+/// Reads an IPv6 address of a context one word at a time, each load straight at its
+/// context offset (see [`set_user_ip6`]).
+fn read_ip6(words: &[u32; 4]) -> [u32; 4] {
+    // SAFETY: each pointer is to a field of the live context.
+    unsafe {
+        [
+            read_volatile(&raw const words[0]),
+            read_volatile(&raw const words[1]),
+            read_volatile(&raw const words[2]),
+            read_volatile(&raw const words[3]),
+        ]
+    }
+}
+
+/// Writes the destination of an IPv6 connect one word at a time, each store straight at
+/// its context offset: the verifier refuses context stores through a derived pointer,
+/// which copying the array as a whole compiles to.
+fn set_user_ip6(addr: &mut bpf_sock_addr, ip: [u32; 4]) {
+    let words = &mut addr.user_ip6;
+    // SAFETY: each pointer is to a field of the live context.
+    unsafe {
+        write_volatile(&raw mut words[0], ip[0]);
+        write_volatile(&raw mut words[1], ip[1]);
+        write_volatile(&raw mut words[2], ip[2]);
+        write_volatile(&raw mut words[3], ip[3]);
+    }
 }
 
 /// The enrolled pod a TCP connect comes from, unless the tunnel itself makes it.
@@ -135,7 +169,7 @@ fn steerable_pod(ctx: &SockAddrContext, addr: &bpf_sock_addr) -> Option<Enrolled
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once; a concurrent update could at worst give
     // a mix of two registrations of the same namespace.
-    let pod = *unsafe { ENROLLED.get(&netns) }?;
+    let pod = *unsafe { ENROLLED.get(netns) }?;
     // SAFETY: `sk` of a `bpf_sock_addr` always points to the connecting socket.
     let mark = unsafe { (*addr.__bindgen_anon_1.sk).mark };
     (mark != TUNNEL_MARK).then_some(pod)
@@ -149,7 +183,7 @@ fn steered_v4(pod: &EnrolledPod, ip: u32, port: u16) -> bool {
 
 fn excluded_port(port: u16) -> bool {
     // SAFETY: only presence is checked; the value is not read.
-    unsafe { EXCLUDED_PORTS.get(&port) }.is_some()
+    unsafe { EXCLUDED_PORTS.get(port) }.is_some()
 }
 
 fn excluded_v4(ip: u32) -> bool {
@@ -175,7 +209,7 @@ fn record_destination(ctx: &SockAddrContext, address: Address, port: u16) -> Res
         _pad: 0,
     };
     DESTINATION_BY_SOCKET
-        .insert(&cookie, &destination, 0)
+        .insert(cookie, destination, 0)
         .map_err(|err| {
             error!(ctx, "cannot record the destination of socket {}: {}", cookie, err);
             CONNECT_REJECT
@@ -223,7 +257,7 @@ fn try_record_established(ctx: &SockOpsContext) -> Result<(), i64> {
     // SAFETY: the helper only reads the context's socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: copied out at once; the entry belongs to this socket alone.
-    let Some(destination) = unsafe { DESTINATION_BY_SOCKET.get(&cookie) }.copied() else {
+    let Some(destination) = unsafe { DESTINATION_BY_SOCKET.get(cookie) }.copied() else {
         return Ok(());
     };
     let key = ConnectionKey {
@@ -232,8 +266,8 @@ fn try_record_established(ctx: &SockOpsContext) -> Result<(), i64> {
         port: ctx.local_port() as u16,
         _pad: [0; 3],
     };
-    DESTINATION_BY_PORT.insert(&key, &destination, 0)?;
-    DESTINATION_BY_SOCKET.remove(&cookie)?;
+    DESTINATION_BY_PORT.insert(key, destination, 0)?;
+    DESTINATION_BY_SOCKET.remove(cookie)?;
     Ok(())
 }
 
@@ -243,7 +277,7 @@ fn try_record_established(ctx: &SockOpsContext) -> Result<(), i64> {
 pub fn forget_released(ctx: SockContext) -> i32 {
     // SAFETY: the helper only reads the context's socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _absent_is_fine = DESTINATION_BY_SOCKET.remove(&cookie);
+    let _absent_is_fine = DESTINATION_BY_SOCKET.remove(cookie);
     CONNECT_ALLOW
 }
 
@@ -268,16 +302,23 @@ fn try_steer_inbound(ctx: &SkLookupContext) -> Result<u32, u32> {
             (Address::v4(lookup.local_ip4), Address::v4(lookup.remote_ip4))
         }
         family if family == u32::from(AF_INET6) => {
-            if lookup.local_ip6 == LOOPBACK_V6 {
+            let local = read_ip6(&lookup.local_ip6);
+            if local == LOOPBACK_V6 {
                 return Ok(sk_action::SK_PASS);
             }
-            (Address::v6(lookup.local_ip6), Address::v6(lookup.remote_ip6))
+            (Address::v6(local), Address::v6(read_ip6(&lookup.remote_ip6)))
         }
         _ => return Ok(sk_action::SK_PASS),
     };
     // The pod's connection to itself, and the tunnel delivering to the application
     // from the pod's own address: left to the regular lookup.
     if local == remote {
+        return Ok(sk_action::SK_PASS);
+    }
+    // An address the tunnel no longer serves (the pod is being released while this
+    // program is still attached): left alone.
+    // SAFETY: only presence is checked; the value is not read.
+    if unsafe { ENROLLED_ADDRESSES.get(local) }.is_none() {
         return Ok(sk_action::SK_PASS);
     }
     INBOUND_LISTENERS

@@ -176,6 +176,7 @@ pub struct Redirect {
 struct State {
     ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
+    addresses: HashMap<MapData, Address, u64>,
     inbound: SockHash<MapData, Address>,
     /// Pod uid -> what enrolling it registered.
     pods: StdHashMap<String, Registration>,
@@ -228,6 +229,7 @@ impl Redirect {
 
         apply_exclusions(&mut ebpf, config)?;
         let enrolled = take_map(&mut ebpf, maps::ENROLLED)?;
+        let addresses = take_map(&mut ebpf, maps::ENROLLED_ADDRESSES)?;
         let inbound = take_map(&mut ebpf, maps::INBOUND_LISTENERS)?;
         let destinations = take_map(&mut ebpf, maps::DESTINATION_BY_PORT)?;
         tracing::info!(
@@ -240,6 +242,7 @@ impl Redirect {
             state: Mutex::new(State {
                 ebpf,
                 enrolled,
+                addresses,
                 inbound,
                 pods: StdHashMap::new(),
             }),
@@ -286,6 +289,10 @@ impl Redirect {
                 .inbound
                 .insert(address(*ip), listener.as_raw_fd(), 0)
                 .map_err(map_error(maps::INBOUND_LISTENERS))?;
+            state
+                .addresses
+                .insert(address(*ip), netns_cookie, 0)
+                .map_err(map_error(maps::ENROLLED_ADDRESSES))?;
         }
         state
             .enrolled
@@ -320,15 +327,7 @@ impl Redirect {
         })?;
         self.forget(&mut state, registration.netns_cookie)?;
         for ip in registration.ips {
-            match state.inbound.remove(&address(ip)) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(Error::Map {
-                        map: maps::INBOUND_LISTENERS,
-                        source,
-                    });
-                }
-            }
+            ignore_missing(state.inbound.remove(&address(ip)), maps::INBOUND_LISTENERS)?;
         }
         tracing::info!(
             uid,
@@ -391,10 +390,7 @@ impl Redirect {
             Err(MapError::KeyNotFound) => return Ok(None),
             Err(source) => return Err(map_error(maps::DESTINATION_BY_PORT)(source)),
         };
-        match destinations.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => return Err(map_error(maps::DESTINATION_BY_PORT)(source)),
-        }
+        ignore_missing(destinations.remove(&key), maps::DESTINATION_BY_PORT)?;
         socket_addr(&destination)
             .map(Some)
             .ok_or(Error::Family(netns_cookie, destination.address.family))
@@ -416,6 +412,7 @@ impl Redirect {
         }
         let root = self.paths.root().to_path_buf();
         for dir in [
+            self.paths.netns_links_root(),
             self.paths.cgroup_links(),
             root.join("links"),
             self.paths.maps(),
@@ -431,13 +428,21 @@ impl Redirect {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Unregisters a namespace and detaches (unpins) its `sk_lookup` attachments.
+    /// Unregisters a namespace and its addresses, which stops its steering at once, and
+    /// unpins its `sk_lookup` attachments, which the kernel then detaches.
     fn forget(&self, state: &mut State, netns_cookie: u64) -> Result<(), Error> {
-        pin::remove_dir(&self.paths.netns_links(netns_cookie))?;
-        match state.enrolled.remove(&netns_cookie) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(map_error(maps::ENROLLED)(source)),
+        let addresses: Vec<Address> = state
+            .addresses
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, cookie)| *cookie == netns_cookie)
+            .map(|(address, _)| address)
+            .collect();
+        for address in addresses {
+            ignore_missing(state.addresses.remove(&address), maps::ENROLLED_ADDRESSES)?;
         }
+        ignore_missing(state.enrolled.remove(&netns_cookie), maps::ENROLLED)?;
+        pin::remove_dir(&self.paths.netns_links(netns_cookie))
     }
 }
 
@@ -500,6 +505,14 @@ fn socket_addr(destination: &SockAddr) -> Option<SocketAddr> {
         _ => return None,
     };
     Some(SocketAddr::new(ip, destination.port))
+}
+
+/// A removal of what is already gone is no error.
+fn ignore_missing(result: Result<(), MapError>, map: &'static str) -> Result<(), Error> {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(Error::Map { map, source }),
+    }
 }
 
 fn map_error(map: &'static str) -> impl Fn(MapError) -> Error {
@@ -575,7 +588,10 @@ fn attach_to_cgroup(
         source,
     };
     let link_error = |source| Error::Link { name, source };
-    let mode = CgroupAttachMode::AllowMultiple;
+    // Cgroup attachments made as bpf links (what aya does on kernels >= 5.7) always run
+    // beside the cgroup's other programs, as with BPF_F_ALLOW_MULTI; the kernel rejects
+    // any attach flag on a link, so the link is created with none (`Single` = 0).
+    let mode = CgroupAttachMode::Single;
     let wrong_type = |source: ProgramError| Error::LoadProgram { name, source };
     if let Ok(program) = <&mut CgroupSockAddr>::try_from(&mut *program) {
         program.load().map_err(load_error)?;

@@ -57,7 +57,7 @@ impl PinPaths {
         self.root.join("links").join("cgroup")
     }
 
-    fn netns_links_root(&self) -> PathBuf {
+    pub(super) fn netns_links_root(&self) -> PathBuf {
         self.root.join("links").join("netns")
     }
 
