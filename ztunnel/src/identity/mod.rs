@@ -1,6 +1,19 @@
 //! Who a workload is and how it proves it: SPIFFE identities, the certificate
 //! authority interface, per-identity certificates with renewal, and the trust bundle.
 
+mod bundle;
+mod ca;
+mod certificate;
+mod error;
+mod manager;
 mod spiffe;
 
+pub use bundle::{FileWatcher, TrustBundle, TrustStore, WATCH_DEBOUNCE, parse_pem_certificates};
+pub use ca::{
+    CaFiles, CertificateAuthority, Chain, DEFAULT_CERT_LIFETIME, InProcessCa, ROOT_CERT_FILE,
+    ROOT_KEY_FILE, SignFuture, init as init_ca,
+};
+pub use certificate::{CertificateInfo, WorkloadCertificate};
+pub use error::Error;
+pub use manager::{BACKOFF_MAX, BACKOFF_MIN, CertManager, CertState, Metrics};
 pub use spiffe::{Identity, ParseError};

@@ -1,0 +1,238 @@
+//! The trust bundle: every root a peer's chain may end in. Several roots at once let a CA
+//! be rotated in stages (old and new trusted together, then the old one removed). The
+//! bundle is swapped atomically when its file changes: handshakes after the swap use the
+//! new roots, and connections already established are not touched.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use std::time::Duration;
+
+use notify::{RecommendedWatcher, RecursiveMode};
+use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
+use rustls::RootCertStore;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::{self, PemObject, SectionKind};
+
+use super::Error;
+
+/// Parses every certificate of a PEM document; `path` names it in errors. Sections other
+/// than certificates are an error, and so is a document that holds no certificate.
+pub fn parse_pem_certificates(
+    path: &Path,
+    contents: &str,
+) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let malformed = |problem: String| Error::Malformed {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let mut certs = Vec::new();
+    for (index, section) in
+        <(SectionKind, Vec<u8>) as PemObject>::pem_slice_iter(contents.as_bytes()).enumerate()
+    {
+        match section {
+            Ok((SectionKind::Certificate, der)) => certs.push(CertificateDer::from(der)),
+            Ok((kind, _)) => {
+                return Err(malformed(format!(
+                    "PEM section {} is a {kind:?}, not a certificate",
+                    index + 1
+                )));
+            }
+            Err(pem::Error::NoItemsFound) => break,
+            Err(e) => {
+                return Err(malformed(format!(
+                    "PEM section {} is malformed: {e}",
+                    index + 1
+                )));
+            }
+        }
+    }
+    if certs.is_empty() {
+        return Err(malformed(
+            "holds no certificate (no PEM CERTIFICATE section)".to_string(),
+        ));
+    }
+    Ok(certs)
+}
+
+/// A set of trusted roots.
+#[derive(Debug)]
+pub struct TrustBundle {
+    roots: Vec<CertificateDer<'static>>,
+    store: RootCertStore,
+}
+
+impl TrustBundle {
+    /// A bundle of the given roots; each must be a usable trust anchor.
+    pub fn new(roots: Vec<CertificateDer<'static>>) -> Result<Self, String> {
+        let mut store = RootCertStore::empty();
+        for (index, root) in roots.iter().enumerate() {
+            store
+                .add(root.clone())
+                .map_err(|e| format!("root {} is not a usable trust anchor: {e}", index + 1))?;
+        }
+        Ok(TrustBundle { roots, store })
+    }
+
+    /// Reads a bundle from a PEM file of one or more root certificates.
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let contents = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let roots = parse_pem_certificates(path, &contents)?;
+        TrustBundle::new(roots).map_err(|problem| Error::Malformed {
+            path: path.to_path_buf(),
+            problem,
+        })
+    }
+
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    pub fn store(&self) -> &RootCertStore {
+        &self.store
+    }
+}
+
+/// The bundle in force, readable without locks, replaced when its file changes.
+pub struct TrustStore {
+    current: ArcSwap<TrustBundle>,
+    path: Option<PathBuf>,
+}
+
+impl TrustStore {
+    /// A fixed bundle that no file backs.
+    pub fn fixed(bundle: TrustBundle) -> Arc<Self> {
+        Arc::new(TrustStore {
+            current: ArcSwap::from_pointee(bundle),
+            path: None,
+        })
+    }
+
+    /// Loads the bundle from `path`; [`TrustStore::watch`] keeps it current.
+    pub fn from_file(path: &Path) -> Result<Arc<Self>, Error> {
+        let bundle = TrustBundle::from_file(path)?;
+        Ok(Arc::new(TrustStore {
+            current: ArcSwap::from_pointee(bundle),
+            path: Some(path.to_path_buf()),
+        }))
+    }
+
+    /// The bundle in force now.
+    pub fn current(&self) -> Arc<TrustBundle> {
+        self.current.load_full()
+    }
+
+    /// Replaces the bundle in force.
+    pub fn replace(&self, bundle: TrustBundle) {
+        self.current.store(Arc::new(bundle));
+    }
+
+    /// Reads the file again. On error the bundle in force stays and the error is returned.
+    pub fn reload(&self) -> Result<(), Error> {
+        if let Some(path) = &self.path {
+            self.replace(TrustBundle::from_file(path)?);
+        }
+        Ok(())
+    }
+
+    /// Watches the bundle's file and reloads it when it changes; `on_error` hears of every
+    /// reload that failed (the bundle in force then stays). The directory is watched, not
+    /// the file, so replacing the file (editors, Kubernetes ConfigMap updates) is seen, and
+    /// events are debounced so a file caught half-written is not read. Watching stops
+    /// when the returned watcher is dropped.
+    pub fn watch(
+        self: &Arc<Self>,
+        on_error: impl Fn(&Error) + Send + 'static,
+    ) -> Result<Option<FileWatcher>, Error> {
+        let Some(path) = self.path.clone() else {
+            return Ok(None);
+        };
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let store = Arc::downgrade(self);
+        let watch_error = |e: notify::Error| Error::Read {
+            path: dir.clone(),
+            source: std::io::Error::other(format!("cannot watch: {e}")),
+        };
+        let mut debouncer = new_debouncer(WATCH_DEBOUNCE, move |events: DebounceEventResult| {
+            if events.is_err() {
+                return;
+            }
+            let Some(store) = store.upgrade() else { return };
+            match store.reload() {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), roots = store.current().roots().len(), "trust bundle reloaded")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "trust bundle not reloaded, the previous one stays in force");
+                    on_error(&e);
+                }
+            }
+        })
+        .map_err(watch_error)?;
+        debouncer
+            .watcher()
+            .watch(&dir, RecursiveMode::NonRecursive)
+            .map_err(watch_error)?;
+        Ok(Some(debouncer))
+    }
+}
+
+/// A running file watch; dropping it stops the watch.
+pub type FileWatcher = Debouncer<RecommendedWatcher>;
+
+/// How long a watched file must be quiet before it is read again.
+pub const WATCH_DEBOUNCE: Duration = Duration::from_millis(200);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_bundle_files_name_the_file_and_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = TrustBundle::from_file(&dir.path().join("absent.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("absent.pem") && err.contains("No such file"),
+            "{err}"
+        );
+
+        let cases = [
+            ("empty.pem", "", "holds no certificate"),
+            ("text.pem", "hello", "holds no certificate"),
+            (
+                "truncated.pem",
+                "-----BEGIN CERTIFICATE-----\nMIIB\n",
+                "malformed",
+            ),
+            (
+                "key.pem",
+                "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+                "not a certificate",
+            ),
+            (
+                "junk.pem",
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+                "not a usable trust anchor",
+            ),
+        ];
+        for (name, contents, want) in cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, contents).unwrap();
+            let err = TrustBundle::from_file(&path).unwrap_err().to_string();
+            assert!(
+                err.contains(name) && err.contains(want),
+                "{name}: {err:?} lacks {want:?}"
+            );
+        }
+    }
+}
