@@ -12,5 +12,6 @@ pub mod identity;
 pub mod netns;
 pub mod policy;
 pub mod proxy;
+pub mod redirect;
 pub mod state;
 pub mod tls;
