@@ -4,5 +4,6 @@
 #![forbid(unsafe_code)]
 
 pub mod identity;
+pub mod kube;
 pub mod netns;
 pub mod tls;
