@@ -24,6 +24,8 @@ mod roots;
 mod server;
 #[cfg(test)]
 mod test_api;
+#[cfg(test)]
+mod tests;
 
 use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};

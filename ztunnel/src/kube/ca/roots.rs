@@ -43,7 +43,7 @@ pub enum Error {
     #[error("secret {secret}: {source}")]
     Invalid {
         secret: String,
-        source: identity::Error,
+        source: Box<identity::Error>,
     },
     #[error("secret {secret}: the signing root is not in {TRUST_BUNDLE_KEY}")]
     SignerNotTrusted { secret: String },
@@ -52,7 +52,7 @@ pub enum Error {
     #[error("secret {secret}: no root is staged ({NEXT_ROOT_CERT_KEY}); prepare one first")]
     NothingStaged { secret: String },
     #[error("cannot generate a root: {0}")]
-    Generate(identity::Error),
+    Generate(Box<identity::Error>),
     #[error("cannot {action} {kind} {name}: {source}")]
     Api {
         action: &'static str,
@@ -82,7 +82,8 @@ impl fmt::Debug for RootSecret {
 impl RootSecret {
     /// A new root that signs and is the only one trusted.
     pub fn generate(trust_domain: &str) -> Result<Self, Error> {
-        let signer = identity::generate_root(trust_domain).map_err(Error::Generate)?;
+        let signer =
+            identity::generate_root(trust_domain).map_err(|e| Error::Generate(Box::new(e)))?;
         let bundle = vec![pem_to_der(&signer.cert)?];
         Ok(RootSecret {
             signer,
@@ -117,7 +118,7 @@ impl RootSecret {
         let bundle = parse_pem_certificates(&source(secret, TRUST_BUNDLE_KEY), &bundle_pem)
             .map_err(|source| Error::Invalid {
                 secret: secret.to_string(),
-                source,
+                source: Box::new(source),
             })?;
         let next = match (text(NEXT_ROOT_CERT_KEY)?, text(NEXT_ROOT_KEY_KEY)?) {
             (Some(cert), Some(key)) => Some(RootPem { cert, key }),
@@ -168,7 +169,7 @@ impl RootSecret {
     pub fn signing_ca(&self, secret: &str, lifetime: Duration) -> Result<InProcessCa, Error> {
         let invalid = |source| Error::Invalid {
             secret: secret.to_string(),
-            source,
+            source: Box::new(source),
         };
         let files = CaFiles {
             cert: source(secret, ROOT_CERT_FILE),
@@ -198,7 +199,8 @@ impl RootSecret {
                 secret: secret.to_string(),
             });
         }
-        let next = identity::generate_root(trust_domain).map_err(Error::Generate)?;
+        let next =
+            identity::generate_root(trust_domain).map_err(|e| Error::Generate(Box::new(e)))?;
         self.bundle.push(pem_to_der(&next.cert)?);
         self.next = Some(next);
         Ok(())
@@ -236,14 +238,14 @@ fn source(secret: &str, key: &str) -> PathBuf {
 fn pem_to_der(cert_pem: &str) -> Result<CertificateDer<'static>, Error> {
     let generated = PathBuf::from("generated root");
     parse_pem_certificates(&generated, cert_pem)
-        .map_err(Error::Generate)?
+        .map_err(|e| Error::Generate(Box::new(e)))?
         .into_iter()
         .next()
         .ok_or_else(|| {
-            Error::Generate(identity::Error::Malformed {
+            Error::Generate(Box::new(identity::Error::Malformed {
                 path: generated,
                 problem: "holds no certificate".to_string(),
-            })
+            }))
         })
 }
 
