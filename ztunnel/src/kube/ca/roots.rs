@@ -256,17 +256,15 @@ pub struct RootStore {
     config_maps: Api<ConfigMap>,
     namespace: String,
     secret: String,
-    config_map: String,
 }
 
 impl RootStore {
-    pub fn new(client: ::kube::Client, namespace: &str, secret: &str, config_map: &str) -> Self {
+    pub fn new(client: ::kube::Client, namespace: &str, secret: &str) -> Self {
         RootStore {
             secrets: Api::namespaced(client.clone(), namespace),
             config_maps: Api::namespaced(client, namespace),
             namespace: namespace.to_string(),
             secret: secret.to_string(),
-            config_map: config_map.to_string(),
         }
     }
 
@@ -281,7 +279,7 @@ impl RootStore {
             .secrets
             .get_opt(&self.secret)
             .await
-            .map_err(|source| self.api_error("get", "secret", source))?;
+            .map_err(|source| self.api_error("get", source))?;
         let Some(secret) = found else {
             return Ok(None);
         };
@@ -316,10 +314,10 @@ impl RootStore {
                 let (roots, _) = self
                     .load()
                     .await?
-                    .ok_or_else(|| self.api_error("get", "secret", ::kube::Error::Api(status)))?;
+                    .ok_or_else(|| self.api_error("get", ::kube::Error::Api(status)))?;
                 Ok(roots)
             }
-            Err(source) => Err(self.api_error("create", "secret", source)),
+            Err(source) => Err(self.api_error("create", source)),
         }
     }
 
@@ -344,19 +342,26 @@ impl RootStore {
         self.secrets
             .replace(&self.secret, &PostParams::default(), &secret)
             .await
-            .map_err(|source| self.api_error("replace", "secret", source))?;
+            .map_err(|source| self.api_error("replace", source))?;
         Ok(())
     }
 
-    /// Makes the ConfigMap hold `bundle_pem` (every trusted root, no key): the tunnels
-    /// mount it to trust the CA service and each other before their first certificate.
-    pub async fn publish_bundle(&self, bundle_pem: &str) -> Result<(), Error> {
-        let name = format!("{}/{}", self.namespace, self.config_map);
+    /// Makes the ConfigMap `config_map` (in the Secret's namespace) hold `bundle_pem`
+    /// (every trusted root, no key): the tunnels mount it to trust the CA service and
+    /// each other before their first certificate.
+    pub async fn publish_bundle(&self, config_map: &str, bundle_pem: &str) -> Result<(), Error> {
+        let name = format!("{}/{}", self.namespace, config_map);
+        let api_error = |action, source| Error::Api {
+            action,
+            kind: "configmap",
+            name: name.clone(),
+            source,
+        };
         let existing = self
             .config_maps
-            .get_opt(&self.config_map)
+            .get_opt(config_map)
             .await
-            .map_err(|source| self.api_error("get", "configmap", source))?;
+            .map_err(|source| api_error("get", source))?;
         let data = BTreeMap::from([(BUNDLE_CONFIG_MAP_KEY.to_string(), bundle_pem.to_string())]);
         match existing {
             Some(current) if current.data.as_ref() == Some(&data) => Ok(()),
@@ -367,16 +372,16 @@ impl RootStore {
                     ..ConfigMap::default()
                 };
                 self.config_maps
-                    .replace(&self.config_map, &PostParams::default(), &updated)
+                    .replace(config_map, &PostParams::default(), &updated)
                     .await
-                    .map_err(|source| self.api_error("replace", "configmap", source))?;
+                    .map_err(|source| api_error("replace", source))?;
                 tracing::info!(config_map = %name, "trust bundle published");
                 Ok(())
             }
             None => {
                 let created = ConfigMap {
                     metadata: ObjectMeta {
-                        name: Some(self.config_map.clone()),
+                        name: Some(config_map.to_string()),
                         namespace: Some(self.namespace.clone()),
                         ..ObjectMeta::default()
                     },
@@ -386,22 +391,18 @@ impl RootStore {
                 self.config_maps
                     .create(&PostParams::default(), &created)
                     .await
-                    .map_err(|source| self.api_error("create", "configmap", source))?;
+                    .map_err(|source| api_error("create", source))?;
                 tracing::info!(config_map = %name, "trust bundle published");
                 Ok(())
             }
         }
     }
 
-    fn api_error(&self, action: &'static str, kind: &'static str, source: ::kube::Error) -> Error {
-        let name = match kind {
-            "configmap" => format!("{}/{}", self.namespace, self.config_map),
-            _ => self.secret_name(),
-        };
+    fn api_error(&self, action: &'static str, source: ::kube::Error) -> Error {
         Error::Api {
             action,
-            kind,
-            name,
+            kind: "secret",
+            name: self.secret_name(),
             source,
         }
     }

@@ -17,6 +17,7 @@ use super::*;
 use crate::identity::{CertManager, Identity, TrustBundle, TrustStore};
 
 const SERVER_NAME: &str = "ztunnel-ca.ztunnel-system.svc";
+const BUNDLE: &str = "ztunnel-trust-bundle";
 
 struct Running {
     server: Arc<CaServer>,
@@ -461,12 +462,7 @@ async fn staged_root_rotation_reaches_clients_without_a_failed_request() {
 #[tokio::test]
 async fn root_store_creates_once_publishes_the_bundle_and_detects_conflicts() {
     let api = FakeApi::cluster();
-    let store = RootStore::new(
-        api.client(),
-        "ztunnel-system",
-        "ztunnel-ca",
-        "ztunnel-trust-bundle",
-    );
+    let store = RootStore::new(api.client(), "ztunnel-system", "ztunnel-ca");
     assert!(store.load().await.unwrap().is_none());
     let created = store.load_or_create("cluster.local").await.unwrap();
     let again = store.load_or_create("cluster.local").await.unwrap();
@@ -482,8 +478,14 @@ async fn root_store_creates_once_publishes_the_bundle_and_detects_conflicts() {
     );
 
     // Publishing writes the ConfigMap once, and again only when the bundle changes.
-    store.publish_bundle(&created.bundle_pem()).await.unwrap();
-    store.publish_bundle(&created.bundle_pem()).await.unwrap();
+    store
+        .publish_bundle(BUNDLE, &created.bundle_pem())
+        .await
+        .unwrap();
+    store
+        .publish_bundle(BUNDLE, &created.bundle_pem())
+        .await
+        .unwrap();
     let published = api
         .object("configmaps", "ztunnel-system", "ztunnel-trust-bundle")
         .unwrap();
@@ -513,7 +515,10 @@ async fn root_store_creates_once_publishes_the_bundle_and_detects_conflicts() {
         err.contains("cannot replace secret ztunnel-system/ztunnel-ca") && err.contains("modified"),
         "{err}"
     );
-    store.publish_bundle(&roots.bundle_pem()).await.unwrap();
+    store
+        .publish_bundle(BUNDLE, &roots.bundle_pem())
+        .await
+        .unwrap();
     assert_eq!(writes(&api), 2);
 
     // Garbage in the Secret is named.
