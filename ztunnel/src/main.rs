@@ -20,6 +20,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the tunnel from a local config file (watched: edits apply without restart).
+    Run {
+        /// The local config file (see deploy/examples/config.yaml).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Explain, without traffic, what would happen to a connection: transport,
     /// identities, effective mTLS mode, and the policy that allows or denies it.
     /// Exits 0 when allowed, 1 when refused, 2 on bad input.
@@ -111,6 +117,7 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let outcome = match Cli::parse().command {
+        Command::Run { config } => run_tunnel(&config),
         Command::Check(args) => return ExitCode::from(check::run(&args)),
         Command::Ca(ca) => run_ca(ca),
     };
@@ -121,6 +128,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_tunnel(path: &Path) -> Result<()> {
+    let config = ztunnel::config::load(path)?;
+    let log = ztunnel::admin::LogControl::init(&config.settings.log_level)?;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(ztunnel::app::run(config, log))
 }
 
 fn run_ca(command: CaCommand) -> Result<()> {

@@ -73,6 +73,10 @@ pub struct Settings {
     pub bpf_pin_root: PathBuf,
     /// Initial log filter (tracing `EnvFilter` syntax); `/logging` changes it at run time.
     pub log_level: String,
+    /// A SOCKS5 capture listener on a loopback address (no eBPF needed); off by default.
+    pub socks5_address: Option<SocketAddr>,
+    /// How long open connections may finish after SIGTERM before they are closed.
+    pub drain_grace_period_seconds: u64,
 }
 
 /// A checked config file.
@@ -93,6 +97,7 @@ pub const DEFAULT_METRICS_ADDRESS: SocketAddr = v4([0, 0, 0, 0], 15020);
 pub const DEFAULT_SOCKET_MARK: u32 = 0x539;
 pub const DEFAULT_BPF_PIN_ROOT: &str = "/sys/fs/bpf/ztunnel";
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+pub const DEFAULT_DRAIN_GRACE_PERIOD_SECONDS: u64 = 5;
 
 const fn v4(ip: [u8; 4], port: u16) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(
@@ -122,6 +127,9 @@ struct File {
     bpf_pin_root: PathBuf,
     #[serde(default = "default_log_level")]
     log_level: String,
+    socks5_address: Option<SocketAddr>,
+    #[serde(default = "default_drain_grace")]
+    drain_grace_period_seconds: u64,
     #[serde(default)]
     workloads: Vec<RawWorkload>,
     #[serde(default)]
@@ -150,6 +158,9 @@ fn default_mark() -> u32 {
 }
 fn default_pin_root() -> PathBuf {
     PathBuf::from(DEFAULT_BPF_PIN_ROOT)
+}
+fn default_drain_grace() -> u64 {
+    DEFAULT_DRAIN_GRACE_PERIOD_SECONDS
 }
 fn default_log_level() -> String {
     DEFAULT_LOG_LEVEL.to_string()
@@ -268,6 +279,16 @@ impl Checker<'_> {
         }
         tracing_subscriber::EnvFilter::try_new(&file.log_level)
             .map_err(|e| self.invalid("logLevel", format!("{:?}: {e}", file.log_level)))?;
+        if let Some(address) = file.socks5_address
+            && !address.ip().is_loopback()
+        {
+            return Err(self.invalid(
+                "socks5Address",
+                format!(
+                    "{address} is not a loopback address: SOCKS5 capture is for this host only"
+                ),
+            ));
+        }
         let workloads = self.workloads(&file)?;
         let services = self.services(&file, &workloads)?;
         let policies = self.policies(&file.policies)?;
@@ -287,6 +308,8 @@ impl Checker<'_> {
             socket_mark: file.socket_mark,
             bpf_pin_root: file.bpf_pin_root,
             log_level: file.log_level,
+            socks5_address: file.socks5_address,
+            drain_grace_period_seconds: file.drain_grace_period_seconds,
             trust_domain: file.trust_domain,
             node: file.node,
             root_namespace: file.root_namespace,

@@ -1,0 +1,482 @@
+//! The running tunnel: every part wired together. Configuration feeds the state; the
+//! state decides which local workloads are enrolled (eBPF steering into sockets inside
+//! their namespaces), which identities hold certificates, and what the proxy allows.
+
+mod mesh;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+pub use mesh::StateMesh;
+
+use crate::admin::{self, Admin, LogControl, Readiness};
+use crate::config::{Config, Settings};
+use crate::discovery::local::LocalSource;
+use crate::hbone::Mtls;
+use crate::identity::{self, CertManager, FileWatcher, Identity, InProcessCa, TrustStore};
+use crate::netns::Netns;
+use crate::proxy::{self, Drain, LocalWorkload, Proxy};
+use crate::redirect::{self, PodNetwork, Redirect};
+use crate::state::{Snapshot, State, Workload};
+use crate::tls;
+
+/// HBONE inbound port of every enrolled pod.
+const HBONE_PORT: u16 = 15008;
+/// How long a TLS handshake may take.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// How soon enrolment is tried again after it failed for some pod.
+const ENROL_RETRY: Duration = Duration::from_secs(2);
+
+/// A running tunnel. Dropping it stops serving; [`Tunnel::shutdown`] drains first.
+pub struct Tunnel {
+    /// Where the admin, readiness and metrics servers listen.
+    pub admin: admin::Servers,
+    /// The SOCKS5 capture listener, when configured.
+    pub socks5: Option<SocketAddr>,
+    proxy: Proxy,
+    state: State,
+    grace: Duration,
+    tasks: Vec<JoinHandle<()>>,
+    _source: LocalSource,
+    _bundle_watch: Option<FileWatcher>,
+}
+
+impl Tunnel {
+    /// Starts every part from a loaded local config file.
+    pub async fn start(config: Config, log: LogControl) -> Result<Tunnel> {
+        let settings = config.settings.clone();
+        let mut registry = Registry::default();
+        let readiness = Readiness::new();
+        let enrolled = readiness.register("workloads enrolled with certificates");
+
+        let state = State::new();
+        let source = LocalSource::start(&config, state.clone(), &mut registry)?;
+
+        let ca_files = settings.ca.clone().with_context(|| {
+            format!(
+                "{}: `ca` is required: the tunnel needs a CA to issue workload certificates",
+                config.path.display()
+            )
+        })?;
+        let bundle_file = settings
+            .trust_bundle_file
+            .clone()
+            .unwrap_or_else(|| ca_files.cert.clone());
+        let trust = TrustStore::from_file(&bundle_file)?;
+        let bundle_watch = trust.watch(|_| {})?;
+        let ca = InProcessCa::load(&ca_files, identity::DEFAULT_CERT_LIFETIME)?;
+        let certs = CertManager::new(
+            Arc::new(ca),
+            tls::provider(),
+            identity::Metrics::register(&mut registry),
+        );
+        let tls_metrics = tls::Metrics::register(&mut registry);
+        let mtls = Mtls::new(
+            certs.clone(),
+            trust,
+            settings.trust_domain.clone(),
+            HANDSHAKE_DEADLINE,
+            tls_metrics,
+        );
+
+        let mesh = StateMesh::new(state.clone());
+        let proxy_config = proxy::Config {
+            mark: Some(settings.socket_mark),
+            ..proxy::Config::default()
+        };
+        let proxy = Proxy::new(
+            proxy_config,
+            Arc::new(mesh.clone()),
+            Arc::new(mtls),
+            &mut registry,
+        );
+
+        let mut tasks = Vec::new();
+        let socks5 = match settings.socks5_address {
+            Some(address) => {
+                let listener = proxy
+                    .sockets()
+                    .listen(address)
+                    .with_context(|| format!("SOCKS5 listener on {address}"))?;
+                let bound = listener.local_addr()?;
+                let p = proxy.clone();
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = p.serve_socks5(listener).await {
+                        error!(error = %e, "SOCKS5 listener stopped");
+                    }
+                }));
+                info!(address = %bound, "SOCKS5 capture listening");
+                Some(bound)
+            }
+            None => None,
+        };
+
+        let admin = admin::serve(
+            admin::Addresses::from(&settings),
+            Admin {
+                state: state.clone(),
+                registry: Arc::new(registry),
+                log,
+                certificates: certificate_dump(certs.clone()),
+                readiness,
+            },
+        )
+        .await?;
+
+        let node = Node {
+            settings: settings.clone(),
+            proxy: proxy.clone(),
+            mesh,
+            certs,
+            redirect: None,
+            pods: HashMap::new(),
+        };
+        tasks.push(tokio::spawn(node.run(state.clone(), enrolled)));
+
+        Ok(Tunnel {
+            admin,
+            socks5,
+            proxy,
+            state,
+            grace: Duration::from_secs(settings.drain_grace_period_seconds),
+            tasks,
+            _source: source,
+            _bundle_watch: bundle_watch,
+        })
+    }
+
+    /// The state the tunnel serves from.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The proxy's drain handle (open connections, drain).
+    pub fn drain(&self) -> Drain {
+        self.proxy.drain_handle()
+    }
+
+    /// Stops accepting, gives open connections the grace period, then closes them.
+    /// Steering stays pinned in the kernel, failing closed until a tunnel starts again.
+    pub async fn shutdown(self) {
+        info!(grace = ?self.grace, open = self.proxy.drain_handle().open_connections(), "draining");
+        self.proxy.drain_handle().drain(self.grace).await;
+        for task in &self.tasks {
+            task.abort();
+        }
+        info!("stopped");
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Runs the tunnel from `config` until SIGTERM or SIGINT, then drains.
+pub async fn run(config: Config, log: LogControl) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let tunnel = Tunnel::start(config, log).await?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        r = tokio::signal::ctrl_c() => { r.context("cannot listen for SIGINT")?; info!("SIGINT") }
+    }
+    tunnel.shutdown().await;
+    Ok(())
+}
+
+fn certificate_dump(certs: CertManager) -> admin::CertificateDump {
+    Arc::new(move || {
+        let rfc3339 = |t: SystemTime| {
+            time::OffsetDateTime::from(t)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        };
+        let entries: Vec<serde_json::Value> = certs
+            .snapshot()
+            .into_iter()
+            .map(|(id, info)| match info {
+                Some(info) => serde_json::json!({
+                    "identity": id.to_string(),
+                    "state": "ready",
+                    "serial": info.serial,
+                    "notBefore": rfc3339(info.not_before),
+                    "notAfter": rfc3339(info.not_after),
+                }),
+                None => serde_json::json!({ "identity": id.to_string(), "state": "pending" }),
+            })
+            .collect();
+        serde_json::Value::Array(entries)
+    })
+}
+
+/// What enrolling a local workload depends on: a change of any of it re-enrols.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PodSpec {
+    identity: Identity,
+    ips: Vec<IpAddr>,
+    netns: Option<PathBuf>,
+}
+
+impl PodSpec {
+    fn of(w: &Workload) -> PodSpec {
+        PodSpec {
+            identity: w.identity.clone(),
+            ips: w.ips.clone(),
+            netns: w.netns.clone(),
+        }
+    }
+}
+
+/// A local workload the tunnel serves, and the tasks serving its listeners.
+struct Pod {
+    spec: PodSpec,
+    steered: bool,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Keeps this node's enrolled workloads in line with the state.
+struct Node {
+    settings: Settings,
+    proxy: Proxy,
+    mesh: StateMesh,
+    certs: CertManager,
+    redirect: Option<Arc<Redirect>>,
+    pods: HashMap<String, Pod>,
+}
+
+impl Node {
+    async fn run(mut self, state: State, enrolled: admin::Condition) {
+        let mut updates = state.subscribe();
+        let mut enrolled = Some(enrolled);
+        loop {
+            let snapshot = state.load();
+            let complete = self.reconcile(&snapshot);
+            if complete && let Some(condition) = enrolled.take() {
+                self.await_certificates().await;
+                condition.ready();
+                info!(pods = self.pods.len(), "local workloads enrolled");
+            }
+            let retry = async {
+                if complete {
+                    std::future::pending::<()>().await
+                } else {
+                    tokio::time::sleep(ENROL_RETRY).await
+                }
+            };
+            tokio::select! {
+                changed = updates.changed() => if changed.is_err() { return },
+                () = retry => {}
+            }
+        }
+    }
+
+    /// Enrols new local meshed workloads, re-enrols changed ones, releases the gone.
+    /// Returns whether every workload is enrolled.
+    fn reconcile(&mut self, snapshot: &Snapshot) -> bool {
+        let wanted: HashMap<String, PodSpec> = snapshot
+            .local_workloads()
+            .filter(|w| w.meshed && !w.ips.is_empty())
+            .map(|w| (w.key(), PodSpec::of(w)))
+            .collect();
+        let stale: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(key, pod)| wanted.get(*key) != Some(&pod.spec))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            self.release(&key);
+        }
+        let mut complete = true;
+        for (key, spec) in wanted {
+            if self.pods.contains_key(&key) {
+                continue;
+            }
+            match self.enrol(&key, &spec, snapshot) {
+                Ok(pod) => {
+                    info!(workload = %key, identity = %spec.identity, steered = pod.steered, "workload enrolled");
+                    self.pods.insert(key, pod);
+                }
+                Err(e) => {
+                    complete = false;
+                    error!(workload = %key, error = format!("{e:#}"), retry_in = ?ENROL_RETRY, "cannot enrol workload");
+                }
+            }
+        }
+        complete
+    }
+
+    fn enrol(&mut self, key: &str, spec: &PodSpec, snapshot: &Snapshot) -> Result<Pod> {
+        let workload = snapshot
+            .local_workloads()
+            .find(|w| w.key() == key)
+            .with_context(|| format!("workload {key} left the state while being enrolled"))?
+            .clone();
+        self.certs.hold(&spec.identity);
+        let pod = match &spec.netns {
+            Some(netns) => self.enrol_steered(key, spec, netns, &workload),
+            None => self.enrol_unsteered(spec, &workload),
+        };
+        if pod.is_err() {
+            self.certs.release(&spec.identity);
+        }
+        pod
+    }
+
+    /// A pod with a network namespace: eBPF steers its traffic into listeners the
+    /// tunnel opens inside it.
+    fn enrol_steered(
+        &mut self,
+        key: &str,
+        spec: &PodSpec,
+        netns: &std::path::Path,
+        workload: &Workload,
+    ) -> Result<Pod> {
+        let redirect = self.redirect()?;
+        let listeners = redirect
+            .enrol(&PodNetwork {
+                uid: key.to_string(),
+                ips: spec.ips.clone(),
+                netns: netns.to_path_buf(),
+            })
+            .with_context(|| format!("enrolling {key} (network namespace {})", netns.display()))?;
+        self.mesh.set_namespace(&spec.ips, &listeners.netns);
+        let mut tasks = Vec::new();
+        let cookie = listeners.netns_cookie;
+        for listener in listeners.outbound {
+            let source = local_workload(workload, &listener, Some(listeners.netns.clone()))?;
+            let (proxy, redirect) = (self.proxy.clone(), redirect.clone());
+            tasks.push(tokio::spawn(async move {
+                proxy
+                    .serve_outbound(listener, source, move |_, client| {
+                        redirect
+                            .original_destination(cookie, client.port())
+                            .map_err(std::io::Error::other)?
+                            .ok_or_else(|| {
+                                std::io::Error::other(format!(
+                                    "no original destination recorded for port {}",
+                                    client.port()
+                                ))
+                            })
+                    })
+                    .await
+            }));
+        }
+        for listener in listeners.inbound {
+            let proxy = self.proxy.clone();
+            tasks.push(tokio::spawn(async move {
+                proxy
+                    .serve_inbound_plaintext(listener, |tcp| tcp.local_addr())
+                    .await
+            }));
+        }
+        for listener in listeners.hbone {
+            let proxy = self.proxy.clone();
+            tasks.push(tokio::spawn(
+                async move { proxy.serve_inbound(listener).await },
+            ));
+        }
+        Ok(Pod {
+            spec: spec.clone(),
+            steered: true,
+            tasks,
+        })
+    }
+
+    /// A workload without a network namespace (no eBPF: its traffic reaches the tunnel
+    /// through SOCKS5): only its inbound HBONE listeners, in the tunnel's namespace.
+    fn enrol_unsteered(&self, spec: &PodSpec, _workload: &Workload) -> Result<Pod> {
+        let mut tasks = Vec::new();
+        for ip in &spec.ips {
+            let address = SocketAddr::new(*ip, HBONE_PORT);
+            let listener = self
+                .proxy
+                .sockets()
+                .listen(address)
+                .with_context(|| format!("HBONE listener on {address}"))?;
+            let proxy = self.proxy.clone();
+            tasks.push(tokio::spawn(
+                async move { proxy.serve_inbound(listener).await },
+            ));
+        }
+        Ok(Pod {
+            spec: spec.clone(),
+            steered: false,
+            tasks,
+        })
+    }
+
+    fn release(&mut self, key: &str) {
+        let Some(pod) = self.pods.remove(key) else {
+            return;
+        };
+        for task in &pod.tasks {
+            task.abort();
+        }
+        if pod.steered {
+            self.mesh.clear_namespace(&pod.spec.ips);
+            if let Some(redirect) = &self.redirect
+                && let Err(e) = redirect.release(key)
+            {
+                warn!(workload = %key, error = %e, "releasing steering failed");
+            }
+        }
+        self.certs.release(&pod.spec.identity);
+        info!(workload = %key, "workload released");
+    }
+
+    /// The eBPF steering of this node, loaded on first use.
+    fn redirect(&mut self) -> Result<Arc<Redirect>> {
+        if let Some(redirect) = &self.redirect {
+            return Ok(redirect.clone());
+        }
+        let mut config = redirect::Config::for_node(&self.settings.node);
+        config.pin_root = self.settings.bpf_pin_root.join(&self.settings.node);
+        let redirect =
+            Arc::new(Redirect::load(&config).context("loading the eBPF steering programs")?);
+        info!(pin_root = %config.pin_root.display(), "eBPF steering loaded");
+        self.redirect = Some(redirect.clone());
+        Ok(redirect)
+    }
+
+    /// Waits for the certificates of every enrolled identity (issued at enrolment).
+    async fn await_certificates(&self) {
+        for pod in self.pods.values() {
+            if let Err(e) = self.certs.fetch(&pod.spec.identity).await {
+                warn!(identity = %pod.spec.identity, error = %e, "no certificate yet; retrying in the background");
+            }
+        }
+    }
+}
+
+/// The workload as the proxy sees it, with the address of the listener's family.
+fn local_workload(
+    w: &Workload,
+    listener: &TcpListener,
+    netns: Option<Netns>,
+) -> Result<LocalWorkload> {
+    let family = listener
+        .local_addr()
+        .context("capture listener address")?
+        .ip();
+    Ok(LocalWorkload {
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        identity: w.identity.clone(),
+        ip: w.address_like(family),
+        netns,
+    })
+}
