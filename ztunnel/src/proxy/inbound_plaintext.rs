@@ -69,8 +69,11 @@ impl Proxy {
         {
             return refuse(RefusedReason::Denied, Error::Denied { policy, reason });
         }
+        // From inside the workload's namespace, as over HBONE: the application's address
+        // exists only there.
         let upstream = match inner
             .sockets
+            .within(workload.netns.as_ref())
             .connect(destination, Some(destination.ip()))
             .await
         {
