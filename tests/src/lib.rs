@@ -9,6 +9,8 @@
 //! ```
 
 mod cluster;
+mod mesh;
 
 pub use cluster::{Cluster, ClusterBuilder, Node, Pod, require_root};
+pub use mesh::{Mesh, PodSpec, ztunnel_binary};
 pub use ztunnel;

@@ -1,7 +1,8 @@
 //! Project tasks: `cargo xtask <command>`.
 //!
 //! `setup` installs what a fresh machine of this image lacks; `test` runs setup when
-//! needed and then every test of the workspace, privileged ones included; `build-ebpf`
+//! needed and then every test of the workspace, privileged ones included; `demo` and
+//! `bench` run a two-node mesh of network namespaces on this machine; `build-ebpf`
 //! and `lint-ebpf` build and lint the eBPF programs (ebpf/programs, a workspace of its
 //! own that host builds cannot compile).
 
@@ -35,6 +36,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run setup when needed, then a two-node, four-pod mesh on this machine, told step
+    /// by step (root). Removes everything it made.
+    Demo,
+    /// Run setup when needed, then measure the tunnel (release build) against the
+    /// direct path on the demo's topology and print a table (root).
+    Bench {
+        /// Also write the figures as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -52,7 +63,44 @@ fn main() -> Result<()> {
             ztunnel_ebpf_build::clippy(&ztunnel_ebpf_build::programs_dir().join("target"))
         }
         Task::Test { args } => test(&args),
+        Task::Demo => {
+            setup::run()?;
+            run_in_mesh(&[], "ztunnel-demo", &[])
+        }
+        Task::Bench { json } => {
+            setup::run()?;
+            let mut args = Vec::new();
+            if let Some(file) = json {
+                // The bench runs from the workspace root: make a relative path absolute.
+                let file = std::env::current_dir()?.join(file);
+                args.extend(["--json".to_string(), file.display().to_string()]);
+            }
+            run_in_mesh(&["--release"], "ztunnel-bench", &args)
+        }
     }
+}
+
+/// Builds the `ztunnel` binary and runs `program` of the test crate (which starts
+/// tunnels from that binary), with the same build profile.
+fn run_in_mesh(profile: &[&str], program: &str, args: &[String]) -> Result<()> {
+    run(Command::new(cargo())
+        .current_dir(workspace_root())
+        .args(["build", "--locked", "-p", "ztunnel", "--bin", "ztunnel"])
+        .args(profile))?;
+    run(Command::new(cargo())
+        .current_dir(workspace_root())
+        .args([
+            "run",
+            "--locked",
+            "-q",
+            "-p",
+            "ztunnel-tests",
+            "--bin",
+            program,
+        ])
+        .args(profile)
+        .arg("--")
+        .args(args))
 }
 
 fn test(args: &[String]) -> Result<()> {
