@@ -6,12 +6,14 @@
 //! [`Resources`] and hands it to [`State::publish`]; consumers call [`State::load`] for
 //! the current snapshot and [`State::subscribe`] to learn that it changed.
 //!
-//! Re-checking open connections after a change: the proxy keeps, for each open inbound
-//! connection, an [`OpenConnection`] and a way to close it. On each change of
-//! [`State::subscribe`] it loads the new snapshot and calls [`Snapshot::revalidate`] with
-//! its open connections; every connection returned is now denied, and the proxy closes
-//! it and logs the [`Decision`] (which names the policy that closed it).
+//! Re-checking open connections after a change: the proxy tracks each authorized
+//! inbound connection in a [`ConnectionTracker`] (one per tunnel, its
+//! [`ConnectionTracker::run`] task follows [`State::subscribe`]) and selects on
+//! [`Tracked::closed`] beside its byte copy. After each change the tracker calls the
+//! pure [`Snapshot::revalidate`]; a connection now denied is told to close and the log
+//! names the policy that closed it.
 
+mod tracker;
 mod workload;
 
 #[cfg(test)]
@@ -33,6 +35,7 @@ use crate::policy::{
     WorkloadMode,
 };
 
+pub use tracker::{ConnectionTracker, Tracked};
 pub use workload::{Service, ServicePort, Workload};
 
 /// The port a meshed workload's tunnel accepts HBONE on.
