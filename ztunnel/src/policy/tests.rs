@@ -604,6 +604,37 @@ spec:
     - source: {ipBlocks: ["10.5.0.0/16"]}
 "#;
 
+const REQUIRE_IDENTITY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: require-mtls, namespace: finance}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {notPrincipals: ["*"]}
+"#;
+
+const IPV6_AND_PORT_ALTERNATIVES: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: v6, namespace: finance}
+spec:
+  rules:
+  - from:
+    - source: {ipBlocks: ["fd00:10::/32"]}
+    to:
+    - operation: {ports: ["80"]}
+    - operation: {ports: ["443"]}
+"#;
+
+const NS_DISABLE: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: off, namespace: finance}
+spec: {mtls: {mode: DISABLE}}
+"#;
+
 struct AuthzCase {
     name: &'static str,
     policies: &'static [&'static str],
@@ -1231,6 +1262,66 @@ fn authorization_decisions() {
             from: None,
             src_ip: "10.0.3.1",
             dst: "10.0.4.5:80",
+            allowed: true,
+            policy: None,
+            reason: "no ALLOW policy",
+        },
+        AuthzCase {
+            name: "DENY notPrincipals [*] refuses a plaintext peer",
+            policies: &[REQUIRE_IDENTITY],
+            ns: "finance",
+            labels: pay,
+            from: None,
+            src_ip: "10.0.3.1",
+            dst: "10.0.1.10:9090",
+            allowed: false,
+            policy: Some("finance/require-mtls"),
+            reason: "DENY policy finance/require-mtls rule 0 matched",
+        },
+        AuthzCase {
+            name: "DENY notPrincipals [*] lets any identity through",
+            policies: &[REQUIRE_IDENTITY],
+            ns: "finance",
+            labels: pay,
+            from: Some("shop/web"),
+            src_ip: "10.0.2.6",
+            dst: "10.0.1.10:9090",
+            allowed: true,
+            policy: None,
+            reason: "no ALLOW policy",
+        },
+        AuthzCase {
+            name: "IPv6 ipBlocks and the second of two operations match",
+            policies: &[IPV6_AND_PORT_ALTERNATIVES],
+            ns: "finance",
+            labels: pay,
+            from: None,
+            src_ip: "fd00:10::7",
+            dst: "[fd00:20::10]:443",
+            allowed: true,
+            policy: Some("finance/v6"),
+            reason: "rule 0 matched",
+        },
+        AuthzCase {
+            name: "no operation lists the port",
+            policies: &[IPV6_AND_PORT_ALTERNATIVES],
+            ns: "finance",
+            labels: pay,
+            from: None,
+            src_ip: "fd00:10::7",
+            dst: "[fd00:20::10]:8443",
+            allowed: false,
+            policy: Some("finance/v6"),
+            reason: "to: [0]: ports [80] do not include 8443; [1]: ports [443] do not include 8443",
+        },
+        AuthzCase {
+            name: "DISABLE accepts plaintext",
+            policies: &[NS_DISABLE],
+            ns: "finance",
+            labels: pay,
+            from: None,
+            src_ip: "10.0.3.1",
+            dst: "10.0.1.10:9090",
             allowed: true,
             policy: None,
             reason: "no ALLOW policy",
