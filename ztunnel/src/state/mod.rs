@@ -6,14 +6,12 @@
 //! [`Resources`] and hands it to [`State::publish`]; consumers call [`State::load`] for
 //! the current snapshot and [`State::subscribe`] to learn that it changed.
 //!
-//! Re-checking open connections after a change: the proxy tracks each authorized
-//! inbound connection in a [`ConnectionTracker`] (one per tunnel, its
-//! [`ConnectionTracker::run`] task follows [`State::subscribe`]) and selects on
-//! [`Tracked::closed`] beside its byte copy. After each change the tracker calls the
-//! pure [`Snapshot::revalidate`]; a connection now denied is told to close and the log
-//! names the policy that closed it.
+//! Re-checking open connections after a change: for each open inbound connection the
+//! proxy waits on [`State::subscribe`]; on a change it asks [`Snapshot::authorize`]
+//! again with the same source address, identity and destination, and closes the
+//! connection when the [`Decision`] now denies it, logging the deciding policy.
+//! [`Snapshot::decide`] is the same question without logging, for tools.
 
-mod tracker;
 mod workload;
 
 #[cfg(test)]
@@ -35,7 +33,6 @@ use crate::policy::{
     WorkloadMode,
 };
 
-pub use tracker::{ConnectionTracker, Tracked};
 pub use workload::{Service, ServicePort, Workload};
 
 /// The port a meshed workload's tunnel accepts HBONE on.
@@ -97,16 +94,6 @@ pub struct Upstream {
     /// `namespace/name` of the service, when the destination was a service VIP.
     pub service: Option<String>,
     pub transport: Transport,
-}
-
-/// What the proxy remembers about an open inbound connection to re-check it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OpenConnection {
-    pub src_ip: IpAddr,
-    /// The peer's identity when it came over HBONE; `None` for plaintext.
-    pub identity: Option<Identity>,
-    /// The local workload address and target port it was delivered to.
-    pub dst: SocketAddr,
 }
 
 /// One immutable view of workloads, services and policies, with indexes.
@@ -476,20 +463,6 @@ impl Snapshot {
             );
         }
         d
-    }
-
-    /// The connections among `open` that this snapshot denies, with the decision that
-    /// denies each. Pure.
-    pub fn revalidate<'a, K>(
-        &self,
-        open: impl IntoIterator<Item = (K, &'a OpenConnection)>,
-    ) -> Vec<(K, Decision)> {
-        open.into_iter()
-            .filter_map(|(key, c)| {
-                let d = self.decide(c.src_ip, c.identity.as_ref(), c.dst);
-                (!d.allowed).then_some((key, d))
-            })
-            .collect()
     }
 
     /// Everything in this snapshot as JSON, for `/config_dump`: workloads, services,
