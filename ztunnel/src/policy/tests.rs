@@ -1480,3 +1480,54 @@ fn yaml_level_errors_carry_the_location() {
         assert_eq!(err.location().map(|l| l.line()), Some(line), "{err}");
     }
 }
+
+#[test]
+fn the_cluster_example_policies_compile_unchanged() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/policies.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let policies = compile_all(&text);
+    let names: Vec<String> = policies.iter().map(|p| p.reference().to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "shop/default",
+            "finance/default",
+            "finance/payments-strict",
+            "finance/orders-to-payments",
+            "finance/deny-inventory"
+        ]
+    );
+    let pay = labels(&[("app", "payments")]);
+    let orders = Identity::new("cluster.local", "shop", "orders").unwrap();
+    let inventory = Identity::new("cluster.local", "warehouse", "inventory").unwrap();
+    let ok = decide(
+        &policies,
+        "finance",
+        &pay,
+        Some(&orders),
+        "10.0.2.4",
+        "10.0.1.10:9090",
+    );
+    assert!(ok.allowed, "{ok:?}");
+    let d = decide(
+        &policies,
+        "finance",
+        &pay,
+        Some(&inventory),
+        "10.0.2.5",
+        "10.0.1.10:9090",
+    );
+    assert_eq!(d.policy.unwrap().to_string(), "finance/deny-inventory");
+    let plain = decide(
+        &policies,
+        "shop",
+        &Labels::new(),
+        None,
+        "10.0.3.1",
+        "10.0.2.4:8080",
+    );
+    assert_eq!(plain.policy.unwrap().to_string(), "shop/default");
+}
