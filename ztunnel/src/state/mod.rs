@@ -17,7 +17,7 @@ mod workload;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -251,6 +251,15 @@ impl Snapshot {
         self.workloads
             .iter()
             .filter(|w| w.node == self.resources.node)
+    }
+
+    /// The identities of the meshed workloads on this node: the certificates this
+    /// tunnel must hold.
+    pub fn local_identities(&self) -> BTreeSet<&Identity> {
+        self.local_workloads()
+            .filter(|w| w.meshed)
+            .map(|w| &w.identity)
+            .collect()
     }
 
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {

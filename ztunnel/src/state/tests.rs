@@ -151,6 +151,14 @@ fn indexes_find_workloads() {
     assert_eq!(svc.key(), "finance/payments");
     assert_eq!(eps.len(), 3);
     assert_eq!(s.local_workloads().count(), 2);
+    let local: Vec<String> = s.local_identities().iter().map(|i| i.to_string()).collect();
+    assert_eq!(
+        local,
+        [
+            "spiffe://cluster.local/ns/finance/sa/payments",
+            "spiffe://cluster.local/ns/prod/sa/orders"
+        ]
+    );
 }
 
 #[test]
