@@ -40,12 +40,12 @@ impl Metrics {
     fn register(registry: &mut Registry) -> Metrics {
         let m = Metrics::default();
         registry.register(
-            "config_reloads",
+            "ztunnel_config_reloads",
             "Edits of the local config file that were applied",
             m.applied.clone(),
         );
         registry.register(
-            "config_rejected",
+            "ztunnel_config_rejected",
             "Edits of the local config file that were rejected (the last good config stays in force)",
             m.rejected.clone(),
         );
@@ -67,7 +67,7 @@ impl Drop for LocalSource {
 
 impl LocalSource {
     /// Publishes `config` (as loaded by [`config::load`]) and watches its file for
-    /// changes. Registers `config_reloads_total` and `config_rejected_total`. Must be
+    /// changes. Registers `ztunnel_config_reloads_total` and `ztunnel_config_rejected_total`. Must be
     /// called inside a Tokio runtime.
     pub fn start(
         config: &Config,

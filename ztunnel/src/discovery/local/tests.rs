@@ -47,18 +47,18 @@ async fn good_edits_apply_and_bad_edits_keep_the_last_good_config() {
     let mut registry = Registry::default();
     let _source = LocalSource::start(&config, state.clone(), &mut registry).unwrap();
     assert_eq!(state.load().workloads().len(), 1);
-    assert_eq!(metric(&registry, "config_rejected_total"), Some(0));
+    assert_eq!(metric(&registry, "ztunnel_config_rejected_total"), Some(0));
 
     replace(&path, TWO);
     wait_for("the renamed file to apply", || {
         state.load().workloads().len() == 2
     })
     .await;
-    assert_eq!(metric(&registry, "config_reloads_total"), Some(1));
+    assert_eq!(metric(&registry, "ztunnel_config_reloads_total"), Some(1));
 
     std::fs::write(&path, BROKEN).unwrap();
     wait_for("the broken edit to be rejected", || {
-        metric(&registry, "config_rejected_total") == Some(1)
+        metric(&registry, "ztunnel_config_rejected_total") == Some(1)
     })
     .await;
     let snap = state.load();
@@ -71,7 +71,7 @@ async fn good_edits_apply_and_bad_edits_keep_the_last_good_config() {
 
     replace(&path, "node: node-b\n");
     wait_for("the node change to be rejected", || {
-        metric(&registry, "config_rejected_total") == Some(2)
+        metric(&registry, "ztunnel_config_rejected_total") == Some(2)
     })
     .await;
     assert_eq!(state.load().node(), "node-a");
@@ -82,5 +82,5 @@ async fn good_edits_apply_and_bad_edits_keep_the_last_good_config() {
     })
     .await;
     assert!(state.load().workload("prod", "orders").is_none());
-    assert_eq!(metric(&registry, "config_reloads_total"), Some(2));
+    assert_eq!(metric(&registry, "ztunnel_config_reloads_total"), Some(2));
 }
