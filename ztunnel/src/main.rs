@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use ztunnel::check;
 use ztunnel::identity::{self, CaFiles, Identity, InProcessCa};
 
 #[derive(Parser)]
@@ -14,6 +15,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Explain, without traffic, what would happen to a connection: transport,
+    /// identities, effective mTLS mode, and the policy that allows or denies it.
+    /// Exits 0 when allowed, 1 when refused, 2 on bad input.
+    Check(check::Args),
     /// The in-process certificate authority's files.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -42,7 +47,11 @@ enum CaCommand {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let outcome = match Cli::parse().command {
+        Command::Check(args) => return ExitCode::from(check::run(&args)),
+        Command::Ca(ca) => run_ca(ca),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -51,14 +60,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Ca(CaCommand::Init { dir, trust_domain }) => {
+fn run_ca(command: CaCommand) -> Result<()> {
+    match command {
+        CaCommand::Init { dir, trust_domain } => {
             let files = identity::init_ca(&dir, &trust_domain)?;
             println!("wrote {} and {}", files.cert.display(), files.key.display());
             Ok(())
         }
-        Command::Ca(CaCommand::Issue { dir, identity, out }) => issue(&dir, &identity, &out),
+        CaCommand::Issue { dir, identity, out } => issue(&dir, &identity, &out),
     }
 }
 
