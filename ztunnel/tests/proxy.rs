@@ -221,7 +221,7 @@ async fn drain_stops_accepting_then_closes_after_grace() {
         .await
         .expect("drain ends after the grace period")
         .unwrap();
-    let _ = ends(&mut open).await;
+    assert!(ends(&mut open).await.is_err(), "closed with a reset");
     assert_eq!(pair.client.proxy.drain_handle().open_connections(), 0);
 }
 
