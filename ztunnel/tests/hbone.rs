@@ -435,3 +435,17 @@ async fn wrong_server_identity_or_dead_endpoint_fail_cleanly() {
     let mut tcp = pair.connect(pair.echo).await.unwrap();
     round_trip(&mut tcp, b"fine").await;
 }
+
+#[tokio::test]
+async fn a_full_connection_makes_room_on_another() {
+    let mut config = Config::default();
+    config.pool.max_streams_per_connection = 2;
+    let pair = Pair::new(8, config).await;
+    let mut open = Vec::new();
+    for expected in [1, 1, 2, 2, 3] {
+        let mut tcp = pair.connect(pair.echo).await.unwrap();
+        round_trip(&mut tcp, b"x").await;
+        open.push(tcp);
+        assert_eq!(pair.client.proxy.pool().connections(&pair.key()), expected);
+    }
+}
