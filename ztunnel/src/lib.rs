@@ -9,6 +9,7 @@ pub mod config;
 pub mod discovery;
 pub mod hbone;
 pub mod identity;
+pub mod kube;
 pub mod netns;
 pub mod policy;
 pub mod proxy;
