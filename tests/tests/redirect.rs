@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing_subscriber::layer::SubscriberExt;
 use ztunnel::netns::{Netns, TUNNEL_MARK};
-use ztunnel::redirect::{Config, PodListeners, PodNetwork, Redirect};
+use ztunnel::redirect::{Config, Metrics, Operation, PodListeners, PodNetwork, Redirect};
 use ztunnel_tests::{Cluster, Pod};
 
 const APP_PORT: u16 = 8080;
@@ -47,7 +47,12 @@ fn pod_network(pod: &Pod) -> PodNetwork {
 }
 
 fn load(config: &Config) -> Redirect {
-    Redirect::load(config).unwrap_or_else(|err| panic!("cannot load the programs: {err:?}"))
+    load_counted(config, Metrics::default())
+}
+
+fn load_counted(config: &Config, metrics: Metrics) -> Redirect {
+    Redirect::load(config, metrics)
+        .unwrap_or_else(|err| panic!("cannot load the programs: {err:?}"))
 }
 
 fn enrol(redirect: &Redirect, pod: &Pod) -> PodListeners {
@@ -189,10 +194,12 @@ async fn programs_load_attach_and_uninstall() {
 async fn outbound_connects_are_steered_and_the_original_destination_recorded() {
     let cluster = Cluster::builder().pods_per_node(2).build().unwrap();
     let (config, _guard) = config(&cluster);
-    let redirect = load(&config);
+    let metrics = Metrics::default();
+    let redirect = load_counted(&config, metrics.clone());
     let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
     let listeners = enrol(&redirect, client);
     assert_eq!(listeners.outbound.len(), 2, "IPv4 and IPv6 capture");
+    assert_eq!(metrics.enrolled(), 1);
 
     let v4_mapped = IpAddr::V6(server.ip().to_ipv6_mapped());
     for (destination, capture, expected) in [
@@ -218,6 +225,8 @@ async fn outbound_connects_are_steered_and_the_original_destination_recorded() {
             None
         );
     }
+    assert_eq!(metrics.missing_destinations(), 3);
+    assert_eq!(metrics.failures(Operation::original_destination), 0);
     redirect.uninstall().unwrap();
 }
 
@@ -378,10 +387,15 @@ async fn a_pods_connections_to_itself_are_not_steered() {
 async fn release_restores_direct_traffic() {
     let cluster = Cluster::builder().pods_per_node(2).build().unwrap();
     let (config, _guard) = config(&cluster);
-    let redirect = load(&config);
+    let metrics = Metrics::default();
+    let redirect = load_counted(&config, metrics.clone());
     let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
     let client_listeners = enrol(&redirect, client);
     let server_listeners = enrol(&redirect, server);
+    let err = redirect.enrol(&pod_network(client)).unwrap_err();
+    assert!(err.to_string().contains("already enrolled"), "{err}");
+    assert_eq!(metrics.failures(Operation::enrol), 1);
+    assert_eq!(metrics.enrolled(), 2);
     redirect.release(client.name()).unwrap();
     redirect.release(server.name()).unwrap();
     drop((client_listeners, server_listeners));
@@ -400,8 +414,10 @@ async fn release_restores_direct_traffic() {
     let (mut accepted, _) = accept(&app).await;
     assert_connected(&mut connected, &mut accepted).await;
 
+    assert_eq!(metrics.enrolled(), 0);
     let err = redirect.release(client.name()).unwrap_err();
     assert!(err.to_string().contains(client.name()), "{err}");
+    assert_eq!(metrics.failures(Operation::release), 1);
     redirect.uninstall().unwrap();
 }
 

@@ -11,8 +11,9 @@ use crate::run as run_command;
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Debian packages: LLVM for bpf-linker, and the tools the end-to-end tests and
-/// benchmarks drive (iproute2 for namespaces, tcpdump to look at the wire, iperf3).
-const DEBIAN_PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "tcpdump", "iperf3"];
+/// benchmarks drive (iproute2 for namespaces, procps for sysctl inside them, tcpdump to
+/// look at the wire, iperf3).
+const DEBIAN_PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "procps", "tcpdump", "iperf3"];
 
 pub fn run() -> Result<()> {
     install_rust_src()?;

@@ -17,7 +17,10 @@
 
 mod cgroup;
 mod logs;
+mod metrics;
 mod pin;
+
+pub use metrics::{Metrics, Operation};
 
 use std::collections::HashMap as StdHashMap;
 use std::fs::File;
@@ -167,6 +170,7 @@ pub enum Error {
 /// The programs loaded on this node, and the pods enrolled by this process.
 pub struct Redirect {
     paths: PinPaths,
+    metrics: Metrics,
     state: Mutex<State>,
     /// Apart from `state`: looked up on every accepted outbound connection.
     destinations: Mutex<HashMap<MapData, ConnectionKey, SockAddr>>,
@@ -199,7 +203,7 @@ impl Redirect {
     /// Loads the programs, reusing this node's pinned maps, attaches the cgroup ones
     /// (replacing a previous tunnel's attachments without a gap), applies the
     /// exclusions, and forwards the programs' logs to `tracing`.
-    pub fn load(config: &Config) -> Result<Redirect, Error> {
+    pub fn load(config: &Config, metrics: Metrics) -> Result<Redirect, Error> {
         let paths = PinPaths::prepare(&config.pin_root)?;
         let cgroup_dir = match &config.cgroup {
             Some(dir) => dir.clone(),
@@ -239,6 +243,7 @@ impl Redirect {
         );
         Ok(Redirect {
             paths,
+            metrics,
             state: Mutex::new(State {
                 ebpf,
                 enrolled,
@@ -255,7 +260,17 @@ impl Redirect {
     /// tunnel's mark), hands the inbound plaintext listeners to `sk_lookup`, registers
     /// the namespace for the connect programs, and attaches `sk_lookup` to it (replacing
     /// an attachment pinned by a previous tunnel). Runs inside a tokio runtime.
+    ///
+    /// If the listeners cannot be opened nothing changes. If a later step fails, the
+    /// pod counts as enrolled and fails closed (steered, with no listener) until
+    /// [`Redirect::release`]; enrol it again after that.
     pub fn enrol(&self, pod: &PodNetwork) -> Result<PodListeners, Error> {
+        let result = self.try_enrol(pod);
+        self.metrics.count(Operation::enrol, &result);
+        result
+    }
+
+    fn try_enrol(&self, pod: &PodNetwork) -> Result<PodListeners, Error> {
         let registered = registered_pod(pod)?;
         let netns = Netns::open(&pod.netns)?;
         let netns_cookie = netns.cookie()?;
@@ -284,7 +299,39 @@ impl Redirect {
             hbone.push(netns.listen(SocketAddr::new(*ip, HBONE_PORT), TUNNEL_MARK)?);
         }
 
-        for (ip, listener) in pod.ips.iter().zip(&inbound) {
+        // Known from here on, so that `release` undoes whatever part of the registration
+        // below succeeds.
+        state.pods.insert(
+            pod.uid.clone(),
+            Registration {
+                netns_cookie,
+                ips: pod.ips.clone(),
+            },
+        );
+        self.metrics.set_enrolled(state.pods.len());
+        self.register(&mut state, pod, netns_cookie, registered, &inbound)?;
+        tracing::info!(uid = %pod.uid, netns = %pod.netns.display(), netns_cookie, "pod enrolled");
+        Ok(PodListeners {
+            netns,
+            netns_cookie,
+            outbound,
+            inbound,
+            hbone,
+        })
+    }
+
+    /// Hands the inbound listeners to `sk_lookup`, registers the pod's addresses and
+    /// namespace, and attaches `sk_lookup` to the namespace. Each step keeps the pod
+    /// failing closed if a later one fails: steered with no listener.
+    fn register(
+        &self,
+        state: &mut State,
+        pod: &PodNetwork,
+        netns_cookie: u64,
+        registered: EnrolledPod,
+        inbound: &[TcpListener],
+    ) -> Result<(), Error> {
+        for (ip, listener) in pod.ips.iter().zip(inbound) {
             state
                 .inbound
                 .insert(address(*ip), listener.as_raw_fd(), 0)
@@ -299,32 +346,24 @@ impl Redirect {
             .insert(netns_cookie, registered, 0)
             .map_err(map_error(maps::ENROLLED))?;
         let link = attach_to_netns(&mut state.ebpf, &pod.netns)?;
-        pin::replace_link(&self.paths.netns_links(netns_cookie), "", link)?;
-        state.pods.insert(
-            pod.uid.clone(),
-            Registration {
-                netns_cookie,
-                ips: pod.ips.clone(),
-            },
-        );
-        tracing::info!(uid = %pod.uid, netns = %pod.netns.display(), netns_cookie, "pod enrolled");
-        Ok(PodListeners {
-            netns,
-            netns_cookie,
-            outbound,
-            inbound,
-            hbone,
-        })
+        pin::replace_link(&self.paths.netns_links(netns_cookie), "", link)
     }
 
     /// Releases a pod enrolled by this tunnel: detaches `sk_lookup` from its namespace
     /// and unregisters it, so its traffic flows directly again. The caller drops the
     /// pod's [`PodListeners`].
     pub fn release(&self, uid: &str) -> Result<(), Error> {
+        let result = self.try_release(uid);
+        self.metrics.count(Operation::release, &result);
+        result
+    }
+
+    fn try_release(&self, uid: &str) -> Result<(), Error> {
         let mut state = self.lock();
         let registration = state.pods.remove(uid).ok_or_else(|| Error::NotEnrolled {
             uid: uid.to_string(),
         })?;
+        self.metrics.set_enrolled(state.pods.len());
         self.forget(&mut state, registration.netns_cookie)?;
         for ip in registration.ips {
             ignore_missing(state.inbound.remove(&address(ip)), maps::INBOUND_LISTENERS)?;
@@ -341,6 +380,12 @@ impl Redirect {
     /// pods (left by a previous tunnel for pods gone since). Returns their cookies.
     /// Live pods keep their pinned steering until [`Redirect::enrol`] renews it.
     pub fn reconcile(&self, live: &[PodNetwork]) -> Result<Vec<u64>, Error> {
+        let result = self.try_reconcile(live);
+        self.metrics.count(Operation::reconcile, &result);
+        result
+    }
+
+    fn try_reconcile(&self, live: &[PodNetwork]) -> Result<Vec<u64>, Error> {
         let mut live_cookies = Vec::with_capacity(live.len());
         for pod in live {
             match Netns::open(&pod.netns).and_then(|netns| netns.cookie()) {
@@ -361,6 +406,7 @@ impl Redirect {
         state
             .pods
             .retain(|_, registration| !stale.contains(&registration.netns_cookie));
+        self.metrics.set_enrolled(state.pods.len());
         if !stale.is_empty() {
             tracing::info!(released = ?stale, "stale network namespaces released");
         }
@@ -372,6 +418,19 @@ impl Redirect {
     /// each connection is looked up once. `None` when nothing was recorded (the
     /// connection was not steered, or came and went before the look-up).
     pub fn original_destination(
+        &self,
+        netns_cookie: u64,
+        peer_port: u16,
+    ) -> Result<Option<SocketAddr>, Error> {
+        let result = self.try_original_destination(netns_cookie, peer_port);
+        self.metrics.count(Operation::original_destination, &result);
+        if matches!(result, Ok(None)) {
+            self.metrics.missing_destination();
+        }
+        result
+    }
+
+    fn try_original_destination(
         &self,
         netns_cookie: u64,
         peer_port: u16,
@@ -640,6 +699,12 @@ fn attach_to_netns(ebpf: &mut Ebpf, netns: &Path) -> Result<FdLink, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redirect_is_shared_between_tasks() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Redirect>();
+    }
 
     #[test]
     fn addresses_round_trip_through_the_kernel_layout() {
