@@ -157,32 +157,11 @@ impl Node {
             ns,
         };
         let port = format!("n{index}");
-        fabric.ip(&[
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &node.ns.name,
-        ])?;
+        fabric.add_veth(&port, &node.ns)?;
         fabric.ip(&["link", "set", &port, "master", "br0", "up"])?;
         node.ns
             .sysctl(&["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
-        node.ns
-            .ip(&["addr", "add", &format!("{}/24", node.ip()), "dev", "eth0"])?;
-        node.ns.ip(&[
-            "addr",
-            "add",
-            &format!("{}/64", node.ipv6()),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        node.ns.ip(&["link", "set", "eth0", "up"])?;
+        node.ns.configure_link("eth0", node.ip(), node.ipv6())?;
         for other in (0..nodes).filter(|&other| other != index) {
             node.ns.ip(&[
                 "route",
@@ -257,41 +236,10 @@ impl Pod {
             ns,
         };
         let port = format!("p{index}");
-        node.ns.ip(&[
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &pod.ns.name,
-        ])?;
+        node.ns.add_veth(&port, &pod.ns)?;
         let (gateway4, gateway6) = (pod.gateway_ipv4(), pod.gateway_ipv6());
-        node.ns
-            .ip(&["addr", "add", &format!("{gateway4}/24"), "dev", &port])?;
-        node.ns.ip(&[
-            "addr",
-            "add",
-            &format!("{gateway6}/64"),
-            "dev",
-            &port,
-            "nodad",
-        ])?;
-        node.ns.ip(&["link", "set", &port, "up"])?;
-        pod.ns
-            .ip(&["addr", "add", &format!("{}/24", pod.ip()), "dev", "eth0"])?;
-        pod.ns.ip(&[
-            "addr",
-            "add",
-            &format!("{}/64", pod.ipv6()),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        pod.ns.ip(&["link", "set", "eth0", "up"])?;
+        node.ns.configure_link(&port, gateway4, gateway6)?;
+        pod.ns.configure_link("eth0", pod.ip(), pod.ipv6())?;
         pod.ns
             .ip(&["route", "add", "default", "via", &gateway4.to_string()])?;
         pod.ns.ip(&[
@@ -331,21 +279,12 @@ impl Pod {
 
     /// The pod's IPv4 address, 10.<node+1>.<pod>.2.
     pub fn ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, self.node as u8 + 1, self.index as u8, 2)
+        self.veth_ipv4(2)
     }
 
     /// The pod's IPv6 address, fd00:0:<node+1>:<pod>::2.
     pub fn ipv6(&self) -> Ipv6Addr {
-        Ipv6Addr::new(
-            0xfd00,
-            0,
-            self.node as u16 + 1,
-            self.index as u16,
-            0,
-            0,
-            0,
-            2,
-        )
+        self.veth_ipv6(2)
     }
 
     /// Both addresses, IPv4 first.
@@ -355,20 +294,22 @@ impl Pod {
 
     /// The node's end of the pod's veth: the pod's IPv4 gateway.
     pub fn gateway_ipv4(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, self.node as u8 + 1, self.index as u8, 1)
+        self.veth_ipv4(1)
     }
 
     pub fn gateway_ipv6(&self) -> Ipv6Addr {
-        Ipv6Addr::new(
-            0xfd00,
-            0,
-            self.node as u16 + 1,
-            self.index as u16,
-            0,
-            0,
-            0,
-            1,
-        )
+        self.veth_ipv6(1)
+    }
+
+    /// Host `host` of the pod's veth subnet 10.<node+1>.<pod>.0/24.
+    fn veth_ipv4(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.node as u8 + 1, self.index as u8, host)
+    }
+
+    /// Host `host` of the pod's veth subnet fd00:0:<node+1>:<pod>::/64.
+    fn veth_ipv6(&self, host: u16) -> Ipv6Addr {
+        let (node, pod) = (self.node as u16 + 1, self.index as u16);
+        Ipv6Addr::new(0xfd00, 0, node, pod, 0, 0, 0, host)
     }
 
     /// A command that runs inside the pod (`ip netns exec`); spawn it or take its
@@ -415,6 +356,19 @@ impl Namespace {
 
     fn path(&self) -> PathBuf {
         Path::new(NETNS_DIR).join(&self.name)
+    }
+
+    /// A veth pair: `dev` here, `eth0` in `peer`.
+    fn add_veth(&self, dev: &str, peer: &Namespace) -> Result<()> {
+        let peer_args = ["peer", "name", "eth0", "netns", &peer.name];
+        self.ip(&[&["link", "add", dev, "type", "veth"][..], &peer_args].concat())
+    }
+
+    /// Gives `dev` an IPv4 /24 and an IPv6 /64 address and brings it up.
+    fn configure_link(&self, dev: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
+        self.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev])?;
+        self.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])?;
+        self.ip(&["link", "set", dev, "up"])
     }
 
     fn ip(&self, args: &[&str]) -> Result<()> {

@@ -114,6 +114,21 @@ async fn assert_nothing_accepted(listener: &TcpListener, what: &str) {
     assert!(result.is_err(), "{what}: a connection arrived");
 }
 
+/// With both pods enrolled and the tunnel's listeners gone, nothing reaches the server's
+/// application, which listens on `APP_PORT`.
+async fn assert_fails_closed(client: &Pod, server: &Pod) {
+    let app = app_listener(server, server.ip().into());
+    let dst = SocketAddr::new(server.ip().into(), APP_PORT);
+    // Outbound from the enrolled client: steered to a capture socket that is gone.
+    assert_connect_fails(client, dst, 0, std::io::ErrorKind::ConnectionRefused).await;
+    // Inbound to the enrolled server from a socket the tunnel does not steer (the
+    // tunnel's mark): the SYN is dropped, never handed to the application; the kernel
+    // answers it as for a closed port.
+    let refused = std::io::ErrorKind::ConnectionRefused;
+    assert_connect_fails(client, dst, TUNNEL_MARK, refused).await;
+    assert_nothing_accepted(&app, "application with the tunnel away").await;
+}
+
 /// Proves bytes flow both ways between two ends of one connection.
 async fn assert_connected(client: &mut TcpStream, server: &mut TcpStream) {
     client.write_all(b"ping").await.unwrap();
@@ -303,23 +318,7 @@ async fn without_the_tunnel_listeners_connections_fail_closed() {
     let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
     drop(enrol(&redirect, client));
     drop(enrol(&redirect, server));
-    let app = app_listener(server, server.ip().into());
-    let dst = SocketAddr::new(server.ip().into(), APP_PORT);
-
-    // Outbound from the enrolled client: steered to a capture socket that is gone.
-    assert_connect_fails(client, dst, 0, std::io::ErrorKind::ConnectionRefused).await;
-
-    // Inbound to the enrolled server from a socket the tunnel does not steer (the
-    // tunnel's mark): the SYN is dropped, never handed to the application; the kernel
-    // answers it as for a closed port.
-    assert_connect_fails(
-        client,
-        dst,
-        TUNNEL_MARK,
-        std::io::ErrorKind::ConnectionRefused,
-    )
-    .await;
-    assert_nothing_accepted(&app, "application with the tunnel away").await;
+    assert_fails_closed(client, server).await;
 
     // The program said why, through aya-log into tracing.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -431,18 +430,8 @@ async fn pinned_steering_outlives_the_tunnel_and_is_renewed_or_reconciled() {
     drop(enrol(&redirect, server));
     // The tunnel goes away: its process state and sockets are gone, the pins stay.
     drop(redirect);
-
-    let app = app_listener(server, server.ip().into());
+    assert_fails_closed(client, server).await;
     let dst = SocketAddr::new(server.ip().into(), APP_PORT);
-    assert_connect_fails(client, dst, 0, std::io::ErrorKind::ConnectionRefused).await;
-    assert_connect_fails(
-        client,
-        dst,
-        TUNNEL_MARK,
-        std::io::ErrorKind::ConnectionRefused,
-    )
-    .await;
-    assert_nothing_accepted(&app, "application with the tunnel away").await;
 
     // A new tunnel renews the server's steering with its own programs and sockets.
     let redirect = load(&config);
