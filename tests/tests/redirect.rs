@@ -246,29 +246,42 @@ async fn outbound_connects_are_steered_and_the_original_destination_recorded() {
 }
 
 #[tokio::test]
-async fn excluded_ports_and_destinations_are_not_steered() {
+async fn excluded_ports_and_peers_are_not_steered() {
     let cluster = Cluster::builder().pods_per_node(2).build().unwrap();
     let (mut config, _guard) = config(&cluster);
     let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
+    const OTHER_PORT: u16 = 9090;
     config.excluded_ports = vec![APP_PORT];
-    config.excluded_destinations = vec![format!("{}/128", server.ipv6()).parse().unwrap()];
+    config.excluded_peers = vec![
+        format!("{}/128", server.ipv6()).parse().unwrap(),
+        format!("{}/32", client.ip()).parse().unwrap(),
+    ];
     let redirect = load(&config);
-    let listeners = enrol(&redirect, client);
-    for ip in [IpAddr::from(server.ip()), server.ipv6().into()] {
-        let app = app_listener(server, ip);
-        let mut connected = connect(client, SocketAddr::new(ip, APP_PORT), 0).await;
-        let (mut accepted, _) = accept(&app).await;
-        assert_connected(&mut connected, &mut accepted).await;
-    }
-    // Another port to the excluded IPv6 destination: still direct.
-    let app = server
-        .netns()
-        .unwrap()
-        .listen(SocketAddr::new(server.ipv6().into(), 9090), 0)
+    let client_listeners = enrol(&redirect, client);
+    let server_listeners = enrol(&redirect, server);
+
+    // Excluded port out of the client, excluded peer (the client) into the server.
+    let app = app_listener(server, server.ip().into());
+    let mut connected = connect(client, SocketAddr::new(server.ip().into(), APP_PORT), 0).await;
+    let (mut accepted, _) = accept(&app).await;
+    assert_connected(&mut connected, &mut accepted).await;
+
+    // Excluded peer out of the client; into the server from a peer that is not
+    // excluded (the client's IPv6 address): the server's tunnel listener takes it.
+    let dst = SocketAddr::new(server.ipv6().into(), OTHER_PORT);
+    connect(client, dst, 0).await;
+    let (accepted, _) = accept(&server_listeners.inbound[1]).await;
+    assert_eq!(accepted.local_addr().unwrap(), dst);
+
+    // Neither port nor peer excluded: steered out of the client.
+    let dst = SocketAddr::new(server.ip().into(), OTHER_PORT);
+    connect(client, dst, 0).await;
+    let (_, peer) = accept(&client_listeners.outbound[0]).await;
+    let original = redirect
+        .original_destination(client_listeners.netns_cookie, peer.port())
         .unwrap();
-    connect(client, SocketAddr::new(server.ipv6().into(), 9090), 0).await;
-    accept(&app).await;
-    for capture in &listeners.outbound {
+    assert_eq!(original, Some(dst));
+    for capture in &client_listeners.outbound {
         assert_nothing_accepted(capture, "outbound capture").await;
     }
     redirect.uninstall().unwrap();

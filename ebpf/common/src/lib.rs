@@ -39,11 +39,12 @@ pub mod maps {
     /// `LruHashMap<ConnectionKey, SockAddr>`: original destinations of established
     /// steered connections, for the tunnel to look up by the accepted peer's port.
     pub const DESTINATION_BY_PORT: &str = "DESTINATION_BY_PORT";
-    /// `HashMap<u16 port, u8>`: destination ports never steered (value unused).
+    /// `HashMap<u16 port, u8>`: outbound destination ports never steered (value unused).
     pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
-    /// `LpmTrie<[u8; 4], u8>`: IPv4 destination prefixes never steered.
+    /// `LpmTrie<[u8; 4], u8>`: IPv4 peers never steered, either way: connects to them
+    /// and SYNs from them go direct.
     pub const EXCLUDED_V4: &str = "EXCLUDED_V4";
-    /// `LpmTrie<[u8; 16], u8>`: IPv6 destination prefixes never steered.
+    /// `LpmTrie<[u8; 16], u8>`: IPv6 peers never steered, either way.
     pub const EXCLUDED_V6: &str = "EXCLUDED_V6";
     /// `HashMap<Address, u64 netns cookie>`: the addresses of enrolled pods, whose
     /// inbound SYNs are steered (or dropped while the tunnel is away).

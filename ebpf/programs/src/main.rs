@@ -3,7 +3,7 @@
 //! - `steer_connect4` / `steer_connect6` (`cgroup/connect4`, `cgroup/connect6`, on the
 //!   node's cgroup v2 root): a TCP connect from an enrolled pod's namespace, by a socket
 //!   without the tunnel's mark, to a destination that is neither the pod itself, nor
-//!   loopback, nor excluded, is rewritten to the pod's outbound capture listener
+//!   loopback, nor an excluded port or peer, is rewritten to the pod's outbound capture listener
 //!   (127.0.0.1:15001, or [::1]:15001 for IPv6). The original destination is kept by
 //!   socket cookie. A connect to an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is
 //!   treated as the IPv4 connect it is on the wire: the IPv4 rules apply, it is rewritten
@@ -16,7 +16,7 @@
 //!   closed before it connected; both destination maps are also LRU-bounded.
 //! - `steer_inbound` (`sk_lookup`, attached to each enrolled pod's namespace): a TCP SYN
 //!   to any port of an enrolled pod address but the HBONE port, not sent by the pod to
-//!   itself and not to loopback, goes to the tunnel's inbound listener for that address.
+//!   itself nor by an excluded peer, and not to loopback, goes to the tunnel's inbound listener for that address.
 //!   When that listener is missing (tunnel away) the SYN is dropped (the kernel then
 //!   answers as for a closed port): steering fails closed. The registered addresses are
 //!   checked first, so a released pod is left alone at once, before the kernel detaches
@@ -311,8 +311,13 @@ fn try_steer_inbound(ctx: &SkLookupContext) -> Result<u32, u32> {
         _ => return Ok(sk_action::SK_PASS),
     };
     // The pod's connection to itself, and the tunnel delivering to the application
-    // from the pod's own address: left to the regular lookup.
-    if local == remote {
+    // from the pod's own address: left to the regular lookup. So are peers the tunnel
+    // excludes (the node itself, for its health probes).
+    let excluded_peer = match remote.family {
+        AF_INET => excluded_v4(remote.words[0]),
+        _ => excluded_v6(remote.words),
+    };
+    if local == remote || excluded_peer {
         return Ok(sk_action::SK_PASS);
     }
     // An address the tunnel no longer serves (the pod is being released while this

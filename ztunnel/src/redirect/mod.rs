@@ -63,10 +63,11 @@ pub struct Config {
     /// The cgroup v2 directory the connect programs attach to; `None` finds the v2 root
     /// from the mount table.
     pub cgroup: Option<PathBuf>,
-    /// Destination ports never steered.
+    /// Outbound destination ports never steered.
     pub excluded_ports: Vec<u16>,
-    /// Destination prefixes never steered.
-    pub excluded_destinations: Vec<IpNet>,
+    /// Peers never steered, either way: pods' connects to them and SYNs from them go
+    /// direct. The node's own addresses belong here, so kubelet probes reach pods.
+    pub excluded_peers: Vec<IpNet>,
 }
 
 impl Config {
@@ -77,7 +78,7 @@ impl Config {
             pin_root: Path::new(DEFAULT_PIN_ROOT).join(node),
             cgroup: None,
             excluded_ports: Vec::new(),
-            excluded_destinations: Vec::new(),
+            excluded_peers: Vec::new(),
         }
     }
 }
@@ -608,7 +609,7 @@ fn apply_exclusions(ebpf: &mut Ebpf, config: &Config) -> Result<(), Error> {
     let mut v6: LpmTrie<_, [u8; 16], u8> = take_map(ebpf, maps::EXCLUDED_V6)?;
     clear_trie(&mut v4, maps::EXCLUDED_V4)?;
     clear_trie(&mut v6, maps::EXCLUDED_V6)?;
-    for net in &config.excluded_destinations {
+    for net in &config.excluded_peers {
         let prefix_len = u32::from(net.prefix_len());
         match net {
             IpNet::V4(net) => v4
