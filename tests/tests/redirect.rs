@@ -180,7 +180,13 @@ impl std::io::Write for CaptureWriter {
 async fn programs_load_attach_and_uninstall() {
     let cluster = Cluster::builder().build().unwrap();
     let (config, _guard) = config(&cluster);
+    // Maps of an older layout, as an older tunnel would have left them.
     let redirect = load(&config);
+    let old_layout = config.pin_root.join("maps-v0");
+    std::fs::create_dir(&old_layout).unwrap();
+    drop(redirect);
+    let redirect = load(&config);
+    assert!(!old_layout.exists(), "maps of another layout left pinned");
     let cgroup_links: Vec<String> = std::fs::read_dir(config.pin_root.join("links/cgroup"))
         .unwrap()
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())

@@ -225,6 +225,7 @@ impl Redirect {
             let link = attach_to_cgroup(&mut ebpf, name, &cgroup, &cgroup_dir)?;
             pin::replace_link(&paths.cgroup_links(), &format!("{name}-"), link)?;
         }
+        paths.remove_other_map_layouts()?;
         sk_lookup(&mut ebpf)?
             .load()
             .map_err(|source| Error::LoadProgram {
