@@ -194,6 +194,8 @@ async fn programs_load_attach_and_uninstall() {
     for program in [
         "steer_connect4-",
         "steer_connect6-",
+        "restore_peer4-",
+        "restore_peer6-",
         "record_established-",
         "forget_released-",
     ] {
@@ -234,6 +236,8 @@ async fn outbound_connects_are_steered_and_the_original_destination_recorded() {
         let mut connected = connect(client, dst, 0).await;
         let (mut accepted, peer) = accept(&listeners.outbound[capture]).await;
         assert_connected(&mut connected, &mut accepted).await;
+        // The application sees the peer it asked for.
+        assert_eq!(connected.peer_addr().unwrap(), dst);
         let original = redirect
             .original_destination(listeners.netns_cookie, peer.port())
             .unwrap();

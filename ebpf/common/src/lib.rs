@@ -34,7 +34,7 @@ pub mod maps {
     /// `HashMap<u64 netns cookie, EnrolledPod>`: the namespaces whose traffic is steered.
     pub const ENROLLED: &str = "ENROLLED";
     /// `LruHashMap<u64 socket cookie, SockAddr>`: original destinations of steered
-    /// connects, until the connection is established.
+    /// connects, until the socket is closed (`getpeername` reports them).
     pub const DESTINATION_BY_SOCKET: &str = "DESTINATION_BY_SOCKET";
     /// `LruHashMap<ConnectionKey, SockAddr>`: original destinations of established
     /// steered connections, for the tunnel to look up by the accepted peer's port.
@@ -60,6 +60,8 @@ pub mod programs {
     pub const CONNECT6: &str = "steer_connect6";
     pub const SOCK_OPS: &str = "record_established";
     pub const SOCK_RELEASE: &str = "forget_released";
+    pub const GETPEERNAME4: &str = "restore_peer4";
+    pub const GETPEERNAME6: &str = "restore_peer6";
     pub const SK_LOOKUP: &str = "steer_inbound";
 }
 

@@ -9,11 +9,14 @@
 //!   treated as the IPv4 connect it is on the wire: the IPv4 rules apply, it is rewritten
 //!   to `::ffff:127.0.0.1:15001` (the IPv4 capture listener) and its original
 //!   destination is recorded as IPv4.
-//! - `record_established` (`sock_ops`): when a steered connection is established, moves
+//! - `record_established` (`sock_ops`): when a steered connection is established, copies
 //!   its original destination to a map keyed by (netns cookie, local port), which the
 //!   tunnel reads with the accepted connection's peer port.
-//! - `forget_released` (`cgroup/sock_release`): drops the per-socket entry of a socket
-//!   closed before it connected; both destination maps are also LRU-bounded.
+//! - `restore_peer4` / `restore_peer6` (`cgroup/getpeername4`, `getpeername6`): the
+//!   application asking a steered socket for its peer is told the original destination,
+//!   not the capture listener.
+//! - `forget_released` (`cgroup/sock_release`): drops a socket's entry when it is closed;
+//!   both destination maps are also LRU-bounded.
 //! - `steer_inbound` (`sk_lookup`, attached to each enrolled pod's namespace): a TCP SYN
 //!   to any port of an enrolled pod address but the HBONE port, not sent by the pod to
 //!   itself nor by an excluded peer, and not to loopback, goes to the tunnel's inbound listener for that address.
@@ -255,9 +258,8 @@ fn try_record_established(ctx: &SockOpsContext) -> Result<(), i64> {
         return Ok(());
     }
     // SAFETY: the helper only reads the context's socket.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: copied out at once; the entry belongs to this socket alone.
-    let Some(destination) = unsafe { DESTINATION_BY_SOCKET.get(cookie) }.copied() else {
+    let Some(destination) = recorded_destination(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) })
+    else {
         return Ok(());
     };
     let key = ConnectionKey {
@@ -267,12 +269,51 @@ fn try_record_established(ctx: &SockOpsContext) -> Result<(), i64> {
         _pad: [0; 3],
     };
     DESTINATION_BY_PORT.insert(key, destination, 0)?;
-    DESTINATION_BY_SOCKET.remove(cookie)?;
     Ok(())
 }
 
-/// Drops what is kept for a socket that closes before its connection was established.
-/// Most sockets have nothing kept, so a failed removal is the normal case.
+/// The original destination kept for the socket with `cookie`, if it was steered.
+fn recorded_destination(cookie: u64) -> Option<SockAddr> {
+    // SAFETY: copied out at once; the entry belongs to that socket alone.
+    unsafe { DESTINATION_BY_SOCKET.get(cookie) }.copied()
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn restore_peer4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands a valid `bpf_sock_addr` for the program's duration.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: the helper only reads the context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(original) = recorded_destination(cookie)
+        && original.address.family == AF_INET
+    {
+        addr.user_ip4 = original.address.words[0];
+        addr.user_port = u32::from(original.port.to_be());
+    }
+    CONNECT_ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn restore_peer6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands a valid `bpf_sock_addr` for the program's duration.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: the helper only reads the context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(original) = recorded_destination(cookie) {
+        let words = original.address.words;
+        // An IPv4 destination of an IPv6 socket was an IPv4-mapped address.
+        let ip = match original.address.family {
+            AF_INET => [0, 0, V4_MAPPED_PREFIX, words[0]],
+            _ => words,
+        };
+        set_user_ip6(addr, ip);
+        addr.user_port = u32::from(original.port.to_be());
+    }
+    CONNECT_ALLOW
+}
+
+/// Drops what is kept for a socket when it is closed. Most sockets have nothing kept,
+/// so a failed removal is the normal case.
 #[cgroup_sock(sock_release)]
 pub fn forget_released(ctx: SockContext) -> i32 {
     // SAFETY: the helper only reads the context's socket.

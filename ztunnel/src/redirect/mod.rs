@@ -192,10 +192,12 @@ struct Registration {
     ips: Vec<IpAddr>,
 }
 
-/// The programs on the cgroup root and how each attaches.
-const CGROUP_PROGRAMS: [&str; 4] = [
+/// The programs attached to the cgroup root.
+const CGROUP_PROGRAMS: [&str; 6] = [
     programs::CONNECT4,
     programs::CONNECT6,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
     programs::SOCK_OPS,
     programs::SOCK_RELEASE,
 ];
