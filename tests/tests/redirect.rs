@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing_subscriber::layer::SubscriberExt;
 use ztunnel::netns::{Netns, TUNNEL_MARK};
 use ztunnel::redirect::{Config, Metrics, Operation, PodListeners, PodNetwork, Redirect};
+use ztunnel_ebpf_common::{ConnectionKey, MAP_LAYOUT_VERSION, SockAddr, maps};
 use ztunnel_tests::{Cluster, Pod};
 
 const APP_PORT: u16 = 8080;
@@ -208,7 +209,7 @@ async fn programs_load_attach_and_uninstall() {
             "{program} in {cgroup_links:?}"
         );
     }
-    assert!(config.pin_root.join("maps-v1/ENROLLED").exists());
+    assert!(maps_dir(&config).join(maps::ENROLLED).exists());
     redirect.uninstall().unwrap();
     assert!(!config.pin_root.exists());
 }
@@ -252,6 +253,60 @@ async fn outbound_connects_are_steered_and_the_original_destination_recorded() {
     }
     assert_eq!(metrics.missing_destinations(), 3);
     assert_eq!(metrics.failures(Operation::original_destination), 0);
+    redirect.uninstall().unwrap();
+}
+
+fn maps_dir(config: &Config) -> PathBuf {
+    config.pin_root.join(format!("maps-v{MAP_LAYOUT_VERSION}"))
+}
+
+/// Entries in a pinned map of the node.
+fn pinned_entries<K: aya::Pod>(config: &Config, map: &str) -> usize {
+    let path = maps_dir(config).join(map);
+    let data = aya::maps::MapData::from_pin(&path)
+        .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    let map = aya::maps::Map::LruHashMap(data);
+    let map: aya::maps::HashMap<_, K, SockAddr> = map.try_into().unwrap();
+    map.keys().count()
+}
+
+#[tokio::test]
+async fn what_is_kept_per_connection_goes_with_it() {
+    let cluster = Cluster::builder().pods_per_node(2).build().unwrap();
+    let (config, _guard) = config(&cluster);
+    let redirect = load(&config);
+    let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
+    let listeners = enrol(&redirect, client);
+    let dst = SocketAddr::new(server.ip().into(), APP_PORT);
+    let mut connections = Vec::new();
+    for _ in 0..20 {
+        let connected = connect(client, dst, 0).await;
+        let (accepted, peer) = accept(&listeners.outbound[0]).await;
+        connections.push((connected, accepted, peer.port()));
+    }
+    assert_eq!(
+        pinned_entries::<u64>(&config, maps::DESTINATION_BY_SOCKET),
+        20
+    );
+    assert_eq!(
+        pinned_entries::<ConnectionKey>(&config, maps::DESTINATION_BY_PORT),
+        20
+    );
+    for (_, _, port) in &connections {
+        let original = redirect
+            .original_destination(listeners.netns_cookie, *port)
+            .unwrap();
+        assert_eq!(original, Some(dst));
+    }
+    assert_eq!(
+        pinned_entries::<ConnectionKey>(&config, maps::DESTINATION_BY_PORT),
+        0
+    );
+    drop(connections);
+    assert_eq!(
+        pinned_entries::<u64>(&config, maps::DESTINATION_BY_SOCKET),
+        0
+    );
     redirect.uninstall().unwrap();
 }
 
