@@ -33,6 +33,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// sockets with this mark alone, so the tunnel's own connections are never steered.
 pub use ztunnel_ebpf_common::TUNNEL_MARK;
 
+/// Stack of a namespace's thread: it only runs short socket set-ups, and there is one
+/// per enrolled pod.
+const NETNS_THREAD_STACK: usize = 256 * 1024;
+
 /// Backlog of the listeners made by [`Netns::listen`].
 const LISTEN_BACKLOG: i32 = 1024;
 
@@ -81,7 +85,8 @@ pub enum Error {
 type Job = Box<dyn FnOnce() + Send>;
 
 /// A handle on a network namespace, with a thread inside it that makes sockets there.
-/// Cheap to clone; the thread ends when the last clone is dropped.
+/// Cheap to clone; the thread ends when the last clone is dropped. While it runs, the
+/// thread keeps the namespace alive (as do the sockets made in it).
 #[derive(Clone, Debug)]
 pub struct Netns {
     path: PathBuf,
@@ -102,6 +107,7 @@ impl Netns {
         let (entered_tx, entered) = mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name(format!("netns {}", path.display()))
+            .stack_size(NETNS_THREAD_STACK)
             .spawn(move || {
                 let result = setns(file.as_fd(), CloneFlags::CLONE_NEWNET);
                 let ok = result.is_ok();
