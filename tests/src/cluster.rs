@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::{Context, Result, bail};
 use ztunnel::netns::Netns;
 
+use crate::capture::Capture;
+
 /// Prefix of every namespace the harness makes.
 const PREFIX: &str = "ztt";
 const NETNS_DIR: &str = "/var/run/netns";
@@ -121,8 +123,8 @@ impl Cluster {
         self.nodes.iter().flat_map(|node| node.pods.iter())
     }
 
-    /// The namespace holding the bridge between the nodes: the "wire", where a test
-    /// can capture (`tcpdump -i br0`) what travels between nodes.
+    /// The namespace holding the bridge between the nodes (ports `n<node>`): the "wire"
+    /// (see [`Cluster::capture_between_nodes`]).
     pub fn fabric_netns_path(&self) -> PathBuf {
         self.fabric.path()
     }
@@ -130,6 +132,13 @@ impl Cluster {
     /// Runs a command in the fabric namespace (see [`Pod::command`]).
     pub fn fabric_command(&self, program: &str) -> Command {
         self.fabric.command(program)
+    }
+
+    /// Captures what crosses the bridge between the nodes (on the bridge's ports: the
+    /// bridge device itself only sees what is addressed to it).
+    pub fn capture_between_nodes(&self) -> Result<Capture> {
+        let ports = (0..self.nodes.len()).map(|n| format!("n{n}"));
+        Capture::start(|| self.fabric.command("tcpdump"), ports)
     }
 }
 
@@ -216,6 +225,14 @@ impl Node {
     /// A command that runs in the node's namespace (see [`Pod::command`]).
     pub fn command(&self, program: &str) -> Command {
         self.ns.command(program)
+    }
+
+    /// Captures on every link of the node: its pods' veths (so traffic between pods of
+    /// this node) and its link to the bridge.
+    pub fn capture(&self) -> Result<Capture> {
+        let links = std::iter::once("eth0".to_string())
+            .chain((0..self.pods.len()).map(|m| format!("p{m}")));
+        Capture::start(|| self.ns.command("tcpdump"), links)
     }
 }
 
@@ -440,6 +457,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::capture::contains;
 
     /// Pod to pod on the same node and across nodes, IPv4 and IPv6.
     #[tokio::test]
@@ -512,6 +530,42 @@ mod tests {
         assert!(addresses.contains(&pod.ip().to_string()), "{addresses}");
         assert!(addresses.contains(&pod.ipv6().to_string()), "{addresses}");
         assert!(pod.exec("false", &[]).is_err());
+    }
+
+    #[tokio::test]
+    async fn captures_see_plaintext_on_the_bridge_and_in_the_node() {
+        let cluster = Cluster::builder()
+            .nodes(2)
+            .pods_per_node(2)
+            .build()
+            .unwrap();
+        let between_nodes = cluster.capture_between_nodes().unwrap();
+        let in_node = cluster.node(1).capture().unwrap();
+        let server = cluster.pod(1, 1);
+        let listener = server
+            .netns()
+            .unwrap()
+            .listen(SocketAddr::new(server.ip().into(), 7000), 0)
+            .unwrap();
+        for (client, marker) in [
+            (cluster.pod(0, 0), &b"marker-across-nodes"[..]),
+            (cluster.pod(1, 0), &b"marker-within-node"[..]),
+        ] {
+            let netns = client.netns().unwrap();
+            let (connected, accepted) = tokio::join!(
+                netns.connect(None, SocketAddr::new(server.ip().into(), 7000), 0),
+                listener.accept()
+            );
+            connected.unwrap().write_all(marker).await.unwrap();
+            let mut buf = vec![0; marker.len()];
+            accepted.unwrap().0.read_exact(&mut buf).await.unwrap();
+        }
+        let between_nodes = between_nodes.stop().unwrap();
+        let in_node = in_node.stop().unwrap();
+        assert!(contains(&between_nodes, b"marker-across-nodes"));
+        assert!(!contains(&between_nodes, b"marker-within-node"));
+        assert!(contains(&in_node, b"marker-within-node"));
+        assert!(contains(&in_node, b"marker-across-nodes"));
     }
 
     #[test]
