@@ -1,8 +1,8 @@
 //! Steering of enrolled pods' TCP into the tunnel, with the eBPF programs of `ebpf/`.
 //!
-//! [`Redirect::load`] loads the programs once per node, attaches the connect, `sock_ops`
-//! and `sock_release` programs to the cgroup v2 root (multi-program mode, beside a CNI's
-//! own), and pins maps and attachments under the node's pin root, so steering outlives a
+//! [`Redirect::load`] loads the programs once per node, attaches the connect,
+//! getpeername, `sock_ops` and `sock_release` programs to the cgroup v2 root (beside
+//! other programs there, a CNI's say), and pins maps and attachments under the node's pin root, so steering outlives a
 //! tunnel restart and fails closed while the tunnel is away: steered connects find no
 //! capture listener and are refused, inbound SYNs find no listener in the socket map and
 //! are dropped. A restarted tunnel reuses the pinned maps and swaps in its own
@@ -117,40 +117,40 @@ pub enum Error {
     MountBpffs { path: PathBuf, source: nix::Error },
     #[error("pin directory {path}: {source}")]
     PinDir { path: PathBuf, source: io::Error },
-    #[error("cannot pin at {path}: {source}")]
+    #[error("cannot pin at {path}: {}", chain(.source))]
     Pin { path: PathBuf, source: PinError },
     #[error("cannot unpin {path}: {source}")]
     Unpin { path: PathBuf, source: io::Error },
-    #[error("cannot read the link to pin in {path}: {source}")]
+    #[error("cannot read the link to pin in {path}: {}", chain(.source))]
     LinkInfo { path: PathBuf, source: LinkError },
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
     #[error("no cgroup v2 file system in /proc/self/mountinfo")]
     NoCgroup2,
-    #[error("cannot open the eBPF object: {0}")]
+    #[error("cannot open the eBPF object: {}", chain(.0))]
     Object(#[source] aya::EbpfError),
     #[error("the eBPF object has no program {0}")]
     MissingProgram(&'static str),
     #[error("the eBPF object has no map {0}")]
     MissingMap(&'static str),
     /// The kernel refused a program; the message carries the verifier's log.
-    #[error("cannot load program {name}: {source}")]
+    #[error("cannot load program {name}: {}", chain(.source))]
     LoadProgram {
         name: &'static str,
         source: ProgramError,
     },
-    #[error("cannot attach program {name} to {target}: {source}")]
+    #[error("cannot attach program {name} to {target}: {}", chain(.source))]
     Attach {
         name: &'static str,
         target: PathBuf,
         source: ProgramError,
     },
-    #[error("program {name}: its link cannot be pinned: {source}")]
+    #[error("program {name}: its link cannot be pinned: {}", chain(.source))]
     Link {
         name: &'static str,
         source: LinkError,
     },
-    #[error("map {map}: {source}")]
+    #[error("map {map}: {}", chain(.source))]
     Map { map: &'static str, source: MapError },
     #[error("cannot forward the eBPF programs' logs: {0}")]
     Logs(String),
@@ -166,6 +166,22 @@ pub enum Error {
     Family(u64, u16),
     #[error(transparent)]
     Netns(#[from] netns::Error),
+}
+
+/// An aya error with its causes: aya's messages often leave the system error (the
+/// errno) to their source.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(err) = cause {
+        let message = err.to_string();
+        if !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        cause = err.source();
+    }
+    text
 }
 
 /// The programs loaded on this node, and the pods enrolled by this process.
@@ -703,6 +719,37 @@ fn attach_to_netns(ebpf: &mut Ebpf, netns: &Path) -> Result<FdLink, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_carry_the_system_error() {
+        let err = Error::Attach {
+            name: programs::CONNECT4,
+            target: "/sys/fs/cgroup".into(),
+            source: ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_link_create",
+                io_error: io::Error::from_raw_os_error(22),
+            }),
+        };
+        let text = err.to_string();
+        assert!(text.contains("bpf_link_create"), "{text}");
+        assert!(text.contains("Invalid argument"), "{text}");
+    }
+
+    #[test]
+    fn a_refused_program_shows_the_verifier_log() {
+        let err = Error::LoadProgram {
+            name: programs::SK_LOOKUP,
+            source: ProgramError::LoadError {
+                io_error: io::Error::from_raw_os_error(13),
+                verifier_log: aya_obj::VerifierLog::new(
+                    "37: (61) r4 = *(u32 *)(r2 +0)\ndereference of modified ctx ptr".into(),
+                ),
+            },
+        };
+        let text = err.to_string();
+        assert!(text.contains("steer_inbound"), "{text}");
+        assert!(text.contains("dereference of modified ctx ptr"), "{text}");
+    }
 
     #[test]
     fn redirect_is_shared_between_tasks() {
