@@ -10,7 +10,7 @@
 //! Every address is assigned inside the namespaces, so no traffic touches the host's.
 //! Names carry the process id and a counter, so tests run in parallel; everything is
 //! deleted on drop, also when a test panics, and namespaces left by killed test
-//! processes are swept at the next build.
+//! processes (and the steering they pinned for their nodes) are swept at the next build.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, Result, bail};
 use ztunnel::netns::Netns;
+use ztunnel::redirect::DEFAULT_PIN_ROOT;
 
 use crate::capture::Capture;
 
@@ -416,23 +417,39 @@ fn delete_namespace(name: &str) {
     }
 }
 
-/// Deletes namespaces left by test processes that were killed before their drops ran.
+/// Deletes what test processes that were killed before their drops ran left behind:
+/// their namespaces, and the steering pinned for their nodes (named after the nodes'
+/// namespaces, under the default pin root).
 fn sweep_orphans() {
-    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let owner = name
-            .strip_prefix(PREFIX)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok());
-        if let Some(pid) = owner
-            && !Path::new("/proc").join(pid.to_string()).exists()
-        {
-            delete_namespace(&name);
+    for (name, _) in orphans(Path::new(NETNS_DIR)) {
+        delete_namespace(&name);
+    }
+    for (_, path) in orphans(Path::new(DEFAULT_PIN_ROOT)) {
+        if let Err(err) = std::fs::remove_dir_all(&path) {
+            eprintln!("cannot remove pins {}: {err}", path.display());
         }
     }
+}
+
+/// Entries of `dir` named by the harness for a process that no longer runs.
+fn orphans(dir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix(PREFIX)?
+                .split('-')
+                .next()?
+                .parse::<u32>()
+                .ok()?;
+            let gone = !Path::new("/proc").join(pid.to_string()).exists();
+            gone.then(|| (name, entry.path()))
+        })
+        .collect()
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
