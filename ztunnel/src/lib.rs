@@ -3,7 +3,16 @@
 //! PeerAuthentication and L4 AuthorizationPolicy.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod check;
+pub mod config;
+pub mod discovery;
+pub mod hbone;
 pub mod identity;
+pub mod kube;
 pub mod netns;
+pub mod policy;
+pub mod proxy;
 pub mod redirect;
+pub mod state;
 pub mod tls;

@@ -1,9 +1,15 @@
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use ztunnel::check;
 use ztunnel::identity::{self, CaFiles, Identity, InProcessCa};
+use ztunnel::kube::ca::{
+    Authorizer, AuthorizerConfig, CaServer, CaServerConfig, DEFAULT_AUDIENCE, Metrics, RootStore,
+};
 
 #[derive(Parser)]
 #[command(name = "ztunnel", version, about = "Node tunnel for ambient meshes")]
@@ -14,6 +20,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Explain, without traffic, what would happen to a connection: transport,
+    /// identities, effective mTLS mode, and the policy that allows or denies it.
+    /// Exits 0 when allowed, 1 when refused, 2 on bad input.
+    Check(check::Args),
     /// The in-process certificate authority's files.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -39,10 +49,72 @@ enum CaCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Run the cluster CA service: roots in a Secret (created on first start), the trust
+    /// bundle published in a ConfigMap, certificates issued to node tunnels over HTTPS.
+    Serve(ServeArgs),
+    /// One step of a staged root rotation, applied to the CA's Secret: `prepare` (a new
+    /// root is trusted beside the old), `activate` (the new root signs), `retire` (only
+    /// the new root stays trusted). Wait for the bundle to reach every node between steps.
+    Rotate {
+        step: RotateStep,
+        #[command(flatten)]
+        secret: SecretArgs,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RotateStep {
+    Prepare,
+    Activate,
+    Retire,
+}
+
+#[derive(clap::Args)]
+struct SecretArgs {
+    /// The CA's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "ztunnel-system")]
+    namespace: String,
+    /// The Secret holding the CA's roots.
+    #[arg(long, default_value = "ztunnel-ca")]
+    secret: String,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    secret: SecretArgs,
+    /// The ConfigMap the trust bundle is published in (the tunnels mount it).
+    #[arg(long, default_value = "ztunnel-trust-bundle")]
+    bundle_config_map: String,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// The only ServiceAccount allowed to ask, as NAMESPACE/NAME.
+    #[arg(long, default_value = "ztunnel-system/ztunnel")]
+    tunnel_service_account: String,
+    /// The audience of the tunnels' projected tokens.
+    #[arg(long, default_value = DEFAULT_AUDIENCE)]
+    audience: String,
+    /// DNS names of the service's own certificate (default: the Service's names).
+    #[arg(long = "dns-name")]
+    dns_names: Vec<String>,
+    /// Lifetime of issued certificates, in seconds.
+    #[arg(long, default_value_t = identity::DEFAULT_CERT_LIFETIME.as_secs())]
+    cert_lifetime_secs: u64,
+    /// How often the Secret is read again (rotation steps take effect then), in seconds.
+    #[arg(long, default_value_t = 30)]
+    reload_secs: u64,
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let outcome = match Cli::parse().command {
+        Command::Check(args) => return ExitCode::from(check::run(&args)),
+        Command::Ca(ca) => run_ca(ca),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -51,15 +123,141 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Ca(CaCommand::Init { dir, trust_domain }) => {
+fn run_ca(command: CaCommand) -> Result<()> {
+    match command {
+        CaCommand::Init { dir, trust_domain } => {
             let files = identity::init_ca(&dir, &trust_domain)?;
             println!("wrote {} and {}", files.cert.display(), files.key.display());
             Ok(())
         }
-        Command::Ca(CaCommand::Issue { dir, identity, out }) => issue(&dir, &identity, &out),
+        CaCommand::Issue { dir, identity, out } => issue(&dir, &identity, &out),
+        CaCommand::Serve(args) => runtime()?.block_on(ca_serve(args)),
+        CaCommand::Rotate {
+            step,
+            secret,
+            trust_domain,
+        } => runtime()?.block_on(ca_rotate(step, &secret, &trust_domain)),
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    // The Kubernetes client's TLS uses the process-wide provider.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    tokio::runtime::Runtime::new().context("cannot start the async runtime")
+}
+
+async fn kube_client() -> Result<kube::Client> {
+    kube::Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API (in-cluster config or kubeconfig)")
+}
+
+async fn ca_serve(args: ServeArgs) -> Result<()> {
+    let Some((sa_namespace, sa_name)) = args.tunnel_service_account.split_once('/') else {
+        bail!(
+            "--tunnel-service-account {:?} is not of the form NAMESPACE/NAME",
+            args.tunnel_service_account
+        );
+    };
+    let namespace = &args.secret.namespace;
+    let dns_names = if args.dns_names.is_empty() {
+        vec![
+            format!("ztunnel-ca.{namespace}.svc"),
+            format!("ztunnel-ca.{namespace}.svc.cluster.local"),
+        ]
+    } else {
+        args.dns_names.clone()
+    };
+    let client = kube_client().await?;
+    let store = RootStore::new(client.clone(), namespace, &args.secret.secret);
+    let roots = store.load_or_create(&args.trust_domain).await?;
+    store
+        .publish_bundle(&args.bundle_config_map, &roots.bundle_pem())
+        .await?;
+    let authorizer = Authorizer::new(
+        client,
+        AuthorizerConfig {
+            tunnel_service_account: (sa_namespace.to_string(), sa_name.to_string()),
+            audience: args.audience.clone(),
+            trust_domain: args.trust_domain.clone(),
+        },
+    );
+    let config = CaServerConfig {
+        secret: store.secret_name(),
+        dns_names,
+        cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
+        handshake_timeout: Duration::from_secs(10),
+    };
+    let server = CaServer::new(
+        config,
+        roots,
+        authorizer,
+        ztunnel::tls::provider(),
+        Metrics::default(),
+    )?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, secret = %store.secret_name(), "CA service ready");
+    tokio::spawn(server.clone().serve(listener));
+    let mut reload = tokio::time::interval(Duration::from_secs(args.reload_secs.max(1)));
+    loop {
+        reload.tick().await;
+        let roots = match store.load().await {
+            Ok(Some((roots, _))) => roots,
+            Ok(None) => {
+                tracing::error!(secret = %store.secret_name(), "CA Secret is gone; signing with the roots in memory");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "CA roots not reloaded; the ones in force stay");
+                continue;
+            }
+        };
+        match server.update(roots) {
+            Ok(true) => {
+                if let Err(e) = store
+                    .publish_bundle(&args.bundle_config_map, &server.bundle_pem())
+                    .await
+                {
+                    tracing::error!(error = %e, "trust bundle not published");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "CA roots not taken; the ones in force stay"),
+        }
+    }
+}
+
+async fn ca_rotate(step: RotateStep, secret: &SecretArgs, trust_domain: &str) -> Result<()> {
+    let store = RootStore::new(kube_client().await?, &secret.namespace, &secret.secret);
+    let name = store.secret_name();
+    let (mut roots, version) = store
+        .load()
+        .await?
+        .with_context(|| format!("secret {name} does not exist; start the CA first"))?;
+    match step {
+        RotateStep::Prepare => roots.prepare(&name, trust_domain)?,
+        RotateStep::Activate => roots.activate(&name)?,
+        RotateStep::Retire => roots.retire()?,
+    }
+    store.replace(&roots, version).await?;
+    println!(
+        "secret {name}: {} trusted root(s){}",
+        roots.bundle.len(),
+        if roots.next.is_some() {
+            ", one staged"
+        } else {
+            ""
+        }
+    );
+    Ok(())
 }
 
 fn issue(dir: &Path, id: &Identity, out: &Path) -> Result<()> {

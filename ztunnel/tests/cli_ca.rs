@@ -122,3 +122,38 @@ fn bad_ca_files_are_named_with_their_problem() {
         stderr(&bad_id)
     );
 }
+
+#[test]
+fn serve_and_rotate_refuse_bad_arguments_and_a_missing_cluster() {
+    let out = ztunnel(&["ca", "serve", "--tunnel-service-account", "ztunnel"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out)
+            .contains("--tunnel-service-account \"ztunnel\" is not of the form NAMESPACE/NAME"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = ztunnel(&["ca", "rotate", "sideways"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("invalid value 'sideways'"),
+        "{}",
+        stderr(&out)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ztunnel"))
+        .args(["ca", "rotate", "prepare"])
+        .env("KUBECONFIG", dir.path().join("absent-kubeconfig"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot reach the Kubernetes API"),
+        "{}",
+        stderr(&out)
+    );
+}

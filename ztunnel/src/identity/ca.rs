@@ -61,14 +61,15 @@ impl CaFiles {
     }
 }
 
-/// Writes a new root certificate and key (ECDSA P-256, CA:true, keyCertSign) into `dir`.
-/// Existing files are never overwritten.
-pub fn init(dir: &Path, trust_domain: &str) -> Result<CaFiles, Error> {
-    let files = CaFiles::in_dir(dir);
-    fs::create_dir_all(dir).map_err(|source| Error::Write {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+/// A new root certificate and key (ECDSA P-256, CA:true, keyCertSign), PEM encoded.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RootPem {
+    pub cert: String,
+    pub key: String,
+}
+
+/// Generates a new root for `trust_domain` in memory.
+pub fn generate_root(trust_domain: &str) -> Result<RootPem, Error> {
     let key = KeyPair::generate().map_err(|e| Error::KeyGeneration(e.to_string()))?;
     let mut params = CertificateParams::default();
     let now = OffsetDateTime::now_utc();
@@ -89,12 +90,26 @@ pub fn init(dir: &Path, trust_domain: &str) -> Result<CaFiles, Error> {
         .unwrap_or_default();
     dn.push(DnType::CommonName, format!("ztunnel root CA {created}"));
     params.distinguished_name = dn;
-    let cert = params.self_signed(&key).map_err(|e| Error::Malformed {
-        path: files.cert.clone(),
-        problem: format!("cannot self-sign the root: {e}"),
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| Error::KeyGeneration(format!("cannot self-sign the root: {e}")))?;
+    Ok(RootPem {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    })
+}
+
+/// Writes a new root certificate and key (see [`generate_root`]) into `dir`.
+/// Existing files are never overwritten.
+pub fn init(dir: &Path, trust_domain: &str) -> Result<CaFiles, Error> {
+    let files = CaFiles::in_dir(dir);
+    fs::create_dir_all(dir).map_err(|source| Error::Write {
+        path: dir.to_path_buf(),
+        source,
     })?;
-    write_new(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
-    write_new(&files.cert, cert.pem().as_bytes(), 0o644)?;
+    let root = generate_root(trust_domain)?;
+    write_new(&files.key, root.key.as_bytes(), 0o600)?;
+    write_new(&files.cert, root.cert.as_bytes(), 0o644)?;
     Ok(files)
 }
 
@@ -133,13 +148,24 @@ impl InProcessCa {
     pub fn load(files: &CaFiles, lifetime: Duration) -> Result<Self, Error> {
         let cert_pem = read(&files.cert)?;
         let key_pem = read(&files.key)?;
+        InProcessCa::from_pem(files, &cert_pem, &key_pem, lifetime)
+    }
+
+    /// Builds the CA from a root certificate and key in PEM; `files` name where each
+    /// came from in errors (files, or the keys of a Kubernetes Secret).
+    pub fn from_pem(
+        files: &CaFiles,
+        cert_pem: &str,
+        key_pem: &str,
+        lifetime: Duration,
+    ) -> Result<Self, Error> {
         let malformed = |path: &Path, problem: String| Error::Malformed {
             path: path.to_path_buf(),
             problem,
         };
-        let key = KeyPair::from_pem(&key_pem)
+        let key = KeyPair::from_pem(key_pem)
             .map_err(|e| malformed(&files.key, format!("not a PEM private key: {e}")))?;
-        let root = super::bundle::parse_pem_certificates(&files.cert, &cert_pem)?
+        let root = super::bundle::parse_pem_certificates(&files.cert, cert_pem)?
             .into_iter()
             .next()
             .ok_or_else(|| malformed(&files.cert, "holds no certificate".to_string()))?;
@@ -193,22 +219,12 @@ impl InProcessCa {
             identity: identity.clone(),
             problem: format!("URI SAN {uri}: {e}"),
         })?;
-        let mut params = CertificateParams::default();
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - self.backdate;
-        params.not_after = now + self.lifetime;
-        params.serial_number = Some(random_serial());
-        params.distinguished_name = DistinguishedName::new();
+        let mut params = self.leaf_params();
         params.subject_alt_names = vec![SanType::URI(san)];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.use_authority_key_identifier_extension = true;
         let cert = params
             .signed_by(public_key, &self.issuer)
             .map_err(|e| Error::Issue {
@@ -216,6 +232,47 @@ impl InProcessCa {
                 problem: e.to_string(),
             })?;
         Ok(vec![cert.der().clone()])
+    }
+
+    /// Signs a TLS server leaf for `dns_names` (serverAuth only, no SPIFFE identity), for
+    /// a service that clients reach by DNS name and verify against the trust bundle.
+    pub fn issue_server(
+        &self,
+        dns_names: &[String],
+        public_key: &impl PublicKeyData,
+    ) -> Result<Chain, Error> {
+        let failed = |problem: String| Error::IssueServer {
+            names: dns_names.to_vec(),
+            problem,
+        };
+        let mut params = self.leaf_params();
+        for name in dns_names {
+            let name = name
+                .as_str()
+                .try_into()
+                .map_err(|e| failed(format!("DNS name {name:?}: {e}")))?;
+            params.subject_alt_names.push(SanType::DnsName(name));
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params
+            .signed_by(public_key, &self.issuer)
+            .map_err(|e| failed(e.to_string()))?;
+        Ok(vec![cert.der().clone()])
+    }
+
+    fn leaf_params(&self) -> CertificateParams {
+        let mut params = CertificateParams::default();
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - self.backdate;
+        params.not_after = now + self.lifetime;
+        params.serial_number = Some(random_serial());
+        params.distinguished_name = DistinguishedName::new();
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params
     }
 }
 

@@ -19,6 +19,8 @@ pub enum Error {
     Malformed { path: PathBuf, problem: String },
     #[error("cannot issue a certificate for {identity}: {problem}")]
     Issue { identity: Identity, problem: String },
+    #[error("cannot issue a server certificate for {names:?}: {problem}")]
+    IssueServer { names: Vec<String>, problem: String },
     #[error("certificate for {identity} is unusable: {problem}")]
     Certificate { identity: Identity, problem: String },
     #[error("no workload of {0} runs on this node, so the tunnel holds no certificate for it")]
