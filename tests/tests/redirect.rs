@@ -461,6 +461,32 @@ async fn a_pods_connections_to_itself_are_not_steered() {
 }
 
 #[tokio::test]
+async fn enrolling_leaves_established_connections_alone() {
+    let cluster = Cluster::builder().pods_per_node(2).build().unwrap();
+    let (config, _guard) = config(&cluster);
+    let redirect = load(&config);
+    let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
+    let mut established = Vec::new();
+    for ip in [IpAddr::from(server.ip()), server.ipv6().into()] {
+        let app = app_listener(server, ip);
+        let connected = connect(client, SocketAddr::new(ip, APP_PORT), 0).await;
+        let (accepted, _) = accept(&app).await;
+        established.push((connected, accepted));
+    }
+    let listeners = [enrol(&redirect, client), enrol(&redirect, server)];
+    for (connected, accepted) in &mut established {
+        assert_connected(connected, accepted).await;
+    }
+    for listener in listeners
+        .iter()
+        .flat_map(|l| l.outbound.iter().chain(&l.inbound))
+    {
+        assert_nothing_accepted(listener, "tunnel listener").await;
+    }
+    redirect.uninstall().unwrap();
+}
+
+#[tokio::test]
 async fn release_restores_direct_traffic() {
     let cluster = Cluster::builder().pods_per_node(2).build().unwrap();
     let (config, _guard) = config(&cluster);
