@@ -443,14 +443,17 @@ async fn a_pods_connections_to_itself_are_not_steered() {
     let redirect = load(&config);
     let pod = cluster.pod(0, 0);
     let listeners = enrol(&redirect, pod);
-    for ip in [
-        IpAddr::from(pod.ip()),
-        pod.ipv6().into(),
-        Ipv4Addr::LOCALHOST.into(),
-        Ipv6Addr::LOCALHOST.into(),
+    for (listen, dst) in [
+        (IpAddr::from(pod.ip()), IpAddr::from(pod.ip())),
+        (pod.ipv6().into(), pod.ipv6().into()),
+        (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::LOCALHOST.into()),
+        (Ipv6Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()),
+        // The unspecified address connects to the host itself.
+        (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::UNSPECIFIED.into()),
+        (Ipv6Addr::LOCALHOST.into(), Ipv6Addr::UNSPECIFIED.into()),
     ] {
-        let app = app_listener(pod, ip);
-        let mut connected = connect(pod, SocketAddr::new(ip, APP_PORT), 0).await;
+        let app = app_listener(pod, listen);
+        let mut connected = connect(pod, SocketAddr::new(dst, APP_PORT), 0).await;
         let (mut accepted, _) = accept(&app).await;
         assert_connected(&mut connected, &mut accepted).await;
     }

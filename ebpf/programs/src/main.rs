@@ -42,7 +42,7 @@ use ztunnel_ebpf_common::{
     SockAddr, TUNNEL_MARK,
 };
 
-/// Verdicts of `cgroup/connect*` and `cgroup/sock_*` programs.
+/// Verdicts of the `cgroup/connect*`, `cgroup/getpeername*` and `cgroup/sock_*` programs.
 const CONNECT_ALLOW: i32 = 1;
 const CONNECT_REJECT: i32 = 0;
 /// `sock_ops` programs return 1 when they ran as intended.
@@ -50,8 +50,8 @@ const SOCK_OPS_OK: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 
 const MAX_PODS: u32 = 1024;
-/// Connections between steering and establishment, and established ones awaiting the
-/// tunnel's look-up; the oldest are evicted first.
+/// Steered sockets (kept until closed, for `getpeername`), and established connections
+/// awaiting the tunnel's look-up; beyond that, the least recently used are evicted.
 const MAX_PENDING: u32 = 65536;
 const MAX_EXCLUSIONS: u32 = 1024;
 
@@ -125,7 +125,8 @@ fn try_steer_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         record_destination(ctx, Address::v4(ip[3]), port)?;
         set_user_ip6(addr, [0, 0, V4_MAPPED_PREFIX, LOOPBACK_V4]);
     } else {
-        if ip == LOOPBACK_V6 || ip == pod.ipv6 || excluded_port(port) || excluded_v6(ip) {
+        let local = ip == LOOPBACK_V6 || ip == [0; 4] || ip == pod.ipv6;
+        if local || excluded_port(port) || excluded_v6(ip) {
             return Ok(CONNECT_ALLOW);
         }
         record_destination(ctx, Address::v6(ip), port)?;
@@ -180,8 +181,10 @@ fn steerable_pod(ctx: &SockAddrContext, addr: &bpf_sock_addr) -> Option<Enrolled
 
 /// Whether a connect to the IPv4 `ip` (network order) and `port` is steered.
 fn steered_v4(pod: &EnrolledPod, ip: u32, port: u16) -> bool {
+    // 127/8 is loopback; 0/8 ("this host", 0.0.0.0 connects locally) too.
     let first_octet = ip.to_ne_bytes()[0];
-    !(first_octet == 127 || ip == pod.ipv4 || excluded_port(port) || excluded_v4(ip))
+    let local = first_octet == 127 || first_octet == 0 || ip == pod.ipv4;
+    !(local || excluded_port(port) || excluded_v4(ip))
 }
 
 fn excluded_port(port: u16) -> bool {
