@@ -329,7 +329,7 @@ impl Redirect {
             },
         );
         self.metrics.set_enrolled(state.pods.len());
-        self.register(&mut state, pod, netns_cookie, registered, &inbound)?;
+        self.register(&mut state, pod, &netns, netns_cookie, registered, &inbound)?;
         tracing::info!(uid = %pod.uid, netns = %pod.netns.display(), netns_cookie, "pod enrolled");
         Ok(PodListeners {
             netns,
@@ -347,6 +347,7 @@ impl Redirect {
         &self,
         state: &mut State,
         pod: &PodNetwork,
+        netns: &Netns,
         netns_cookie: u64,
         registered: EnrolledPod,
         inbound: &[TcpListener],
@@ -365,7 +366,7 @@ impl Redirect {
             .enrolled
             .insert(netns_cookie, registered, 0)
             .map_err(map_error(maps::ENROLLED))?;
-        let link = attach_to_netns(&mut state.ebpf, &pod.netns)?;
+        let link = attach_to_netns(&mut state.ebpf, netns)?;
         pin::replace_link(&self.paths.netns_links(netns_cookie), "", link)
     }
 
@@ -699,19 +700,15 @@ fn sk_lookup(ebpf: &mut Ebpf) -> Result<&mut SkLookup, Error> {
         .map_err(|source| Error::LoadProgram { name, source })
 }
 
-fn attach_to_netns(ebpf: &mut Ebpf, netns: &Path) -> Result<FdLink, Error> {
+fn attach_to_netns(ebpf: &mut Ebpf, netns: &Netns) -> Result<FdLink, Error> {
     let name = programs::SK_LOOKUP;
     let attach_error = |source| Error::Attach {
         name,
-        target: netns.to_path_buf(),
+        target: netns.path().to_path_buf(),
         source,
     };
-    let file = File::open(netns).map_err(|source| Error::Read {
-        path: netns.to_path_buf(),
-        source,
-    })?;
     let program = sk_lookup(ebpf)?;
-    let id = program.attach(&file).map_err(attach_error)?;
+    let id = program.attach(netns).map_err(attach_error)?;
     let link = program.take_link(id).map_err(attach_error)?;
     Ok(link.into())
 }
