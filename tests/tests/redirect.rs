@@ -13,7 +13,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing_subscriber::layer::SubscriberExt;
 use ztunnel::netns::{Netns, TUNNEL_MARK};
 use ztunnel::redirect::{Config, Metrics, Operation, PodListeners, PodNetwork, Redirect};
-use ztunnel_ebpf_common::{ConnectionKey, MAP_LAYOUT_VERSION, SockAddr, maps};
+use ztunnel_ebpf_common::{
+    ConnectionKey, INBOUND_PORT, MAP_LAYOUT_VERSION, OUTBOUND_PORT, SockAddr, maps,
+};
 use ztunnel_tests::{Cluster, Pod};
 
 const APP_PORT: u16 = 8080;
@@ -118,6 +120,14 @@ async fn assert_nothing_accepted(listener: &TcpListener, what: &str) {
 /// With both pods enrolled and the tunnel's listeners gone, nothing reaches the server's
 /// application, which listens on `APP_PORT`.
 async fn assert_fails_closed(client: &Pod, server: &Pod) {
+    // The tunnel's listeners are closed, but a child that another test forked at that
+    // instant may hold them until it execs: wait until they refuse connections.
+    wait_until_closed(
+        client,
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
+    )
+    .await;
+    wait_until_closed(client, SocketAddr::new(server.ip().into(), INBOUND_PORT)).await;
     let app = app_listener(server, server.ip().into());
     let dst = SocketAddr::new(server.ip().into(), APP_PORT);
     // Outbound from the enrolled client: steered to a capture socket that is gone.
@@ -128,6 +138,20 @@ async fn assert_fails_closed(client: &Pod, server: &Pod) {
     let refused = std::io::ErrorKind::ConnectionRefused;
     assert_connect_fails(client, dst, TUNNEL_MARK, refused).await;
     assert_nothing_accepted(&app, "application with the tunnel away").await;
+}
+
+/// Waits (2 s at most) until connecting from `pod` to `addr` with the tunnel's mark is
+/// refused.
+async fn wait_until_closed(pod: &Pod, addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while try_connect(pod, addr, TUNNEL_MARK).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{addr} still accepts in {}",
+            pod.name()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Proves bytes flow both ways between two ends of one connection.
