@@ -8,7 +8,9 @@
 //! # drop(out); Ok(()) }
 //! ```
 
+mod capture;
 mod cluster;
 
+pub use capture::{Capture, contains};
 pub use cluster::{Cluster, ClusterBuilder, Node, Pod, require_root};
 pub use ztunnel;
