@@ -10,7 +10,7 @@
 //! Every address is assigned inside the namespaces, so no traffic touches the host's.
 //! Names carry the process id and a counter, so tests run in parallel; everything is
 //! deleted on drop, also when a test panics, and namespaces left by killed test
-//! processes are swept at the next build.
+//! processes (and the steering they pinned for their nodes) are swept at the next build.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
@@ -19,6 +19,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, Result, bail};
 use ztunnel::netns::Netns;
+use ztunnel::redirect::DEFAULT_PIN_ROOT;
+
+use crate::capture::Capture;
 
 /// Prefix of every namespace the harness makes.
 const PREFIX: &str = "ztt";
@@ -121,8 +124,8 @@ impl Cluster {
         self.nodes.iter().flat_map(|node| node.pods.iter())
     }
 
-    /// The namespace holding the bridge between the nodes: the "wire", where a test
-    /// can capture (`tcpdump -i br0`) what travels between nodes.
+    /// The namespace holding the bridge between the nodes (ports `n<node>`): the "wire"
+    /// (see [`Cluster::capture_between_nodes`]).
     pub fn fabric_netns_path(&self) -> PathBuf {
         self.fabric.path()
     }
@@ -130,6 +133,13 @@ impl Cluster {
     /// Runs a command in the fabric namespace (see [`Pod::command`]).
     pub fn fabric_command(&self, program: &str) -> Command {
         self.fabric.command(program)
+    }
+
+    /// Captures what crosses the bridge between the nodes (on the bridge's ports: the
+    /// bridge device itself only sees what is addressed to it).
+    pub fn capture_between_nodes(&self) -> Result<Capture> {
+        let ports = (0..self.nodes.len()).map(|n| format!("n{n}"));
+        Capture::start(|| self.fabric.command("tcpdump"), ports)
     }
 }
 
@@ -157,32 +167,11 @@ impl Node {
             ns,
         };
         let port = format!("n{index}");
-        fabric.ip(&[
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &node.ns.name,
-        ])?;
+        fabric.add_veth(&port, &node.ns)?;
         fabric.ip(&["link", "set", &port, "master", "br0", "up"])?;
         node.ns
             .sysctl(&["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
-        node.ns
-            .ip(&["addr", "add", &format!("{}/24", node.ip()), "dev", "eth0"])?;
-        node.ns.ip(&[
-            "addr",
-            "add",
-            &format!("{}/64", node.ipv6()),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        node.ns.ip(&["link", "set", "eth0", "up"])?;
+        node.ns.configure_link("eth0", node.ip(), node.ipv6())?;
         for other in (0..nodes).filter(|&other| other != index) {
             node.ns.ip(&[
                 "route",
@@ -238,6 +227,14 @@ impl Node {
     pub fn command(&self, program: &str) -> Command {
         self.ns.command(program)
     }
+
+    /// Captures on every link of the node: its pods' veths (so traffic between pods of
+    /// this node) and its link to the bridge.
+    pub fn capture(&self) -> Result<Capture> {
+        let links = std::iter::once("eth0".to_string())
+            .chain((0..self.pods.len()).map(|m| format!("p{m}")));
+        Capture::start(|| self.ns.command("tcpdump"), links)
+    }
 }
 
 /// A pod: a namespace with a veth to its node, an IPv4 and an IPv6 address.
@@ -257,41 +254,10 @@ impl Pod {
             ns,
         };
         let port = format!("p{index}");
-        node.ns.ip(&[
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &pod.ns.name,
-        ])?;
+        node.ns.add_veth(&port, &pod.ns)?;
         let (gateway4, gateway6) = (pod.gateway_ipv4(), pod.gateway_ipv6());
-        node.ns
-            .ip(&["addr", "add", &format!("{gateway4}/24"), "dev", &port])?;
-        node.ns.ip(&[
-            "addr",
-            "add",
-            &format!("{gateway6}/64"),
-            "dev",
-            &port,
-            "nodad",
-        ])?;
-        node.ns.ip(&["link", "set", &port, "up"])?;
-        pod.ns
-            .ip(&["addr", "add", &format!("{}/24", pod.ip()), "dev", "eth0"])?;
-        pod.ns.ip(&[
-            "addr",
-            "add",
-            &format!("{}/64", pod.ipv6()),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        pod.ns.ip(&["link", "set", "eth0", "up"])?;
+        node.ns.configure_link(&port, gateway4, gateway6)?;
+        pod.ns.configure_link("eth0", pod.ip(), pod.ipv6())?;
         pod.ns
             .ip(&["route", "add", "default", "via", &gateway4.to_string()])?;
         pod.ns.ip(&[
@@ -331,21 +297,12 @@ impl Pod {
 
     /// The pod's IPv4 address, 10.<node+1>.<pod>.2.
     pub fn ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, self.node as u8 + 1, self.index as u8, 2)
+        self.veth_ipv4(2)
     }
 
     /// The pod's IPv6 address, fd00:0:<node+1>:<pod>::2.
     pub fn ipv6(&self) -> Ipv6Addr {
-        Ipv6Addr::new(
-            0xfd00,
-            0,
-            self.node as u16 + 1,
-            self.index as u16,
-            0,
-            0,
-            0,
-            2,
-        )
+        self.veth_ipv6(2)
     }
 
     /// Both addresses, IPv4 first.
@@ -355,20 +312,22 @@ impl Pod {
 
     /// The node's end of the pod's veth: the pod's IPv4 gateway.
     pub fn gateway_ipv4(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, self.node as u8 + 1, self.index as u8, 1)
+        self.veth_ipv4(1)
     }
 
     pub fn gateway_ipv6(&self) -> Ipv6Addr {
-        Ipv6Addr::new(
-            0xfd00,
-            0,
-            self.node as u16 + 1,
-            self.index as u16,
-            0,
-            0,
-            0,
-            1,
-        )
+        self.veth_ipv6(1)
+    }
+
+    /// Host `host` of the pod's veth subnet 10.<node+1>.<pod>.0/24.
+    fn veth_ipv4(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.node as u8 + 1, self.index as u8, host)
+    }
+
+    /// Host `host` of the pod's veth subnet fd00:0:<node+1>:<pod>::/64.
+    fn veth_ipv6(&self, host: u16) -> Ipv6Addr {
+        let (node, pod) = (self.node as u16 + 1, self.index as u16);
+        Ipv6Addr::new(0xfd00, 0, node, pod, 0, 0, 0, host)
     }
 
     /// A command that runs inside the pod (`ip netns exec`); spawn it or take its
@@ -417,6 +376,19 @@ impl Namespace {
         Path::new(NETNS_DIR).join(&self.name)
     }
 
+    /// A veth pair: `dev` here, `eth0` in `peer`.
+    fn add_veth(&self, dev: &str, peer: &Namespace) -> Result<()> {
+        let peer_args = ["peer", "name", "eth0", "netns", &peer.name];
+        self.ip(&[&["link", "add", dev, "type", "veth"][..], &peer_args].concat())
+    }
+
+    /// Gives `dev` an IPv4 /24 and an IPv6 /64 address and brings it up.
+    fn configure_link(&self, dev: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
+        self.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev])?;
+        self.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])?;
+        self.ip(&["link", "set", dev, "up"])
+    }
+
     fn ip(&self, args: &[&str]) -> Result<()> {
         run(Command::new("ip").args(["-n", &self.name]).args(args)).map(drop)
     }
@@ -445,23 +417,39 @@ fn delete_namespace(name: &str) {
     }
 }
 
-/// Deletes namespaces left by test processes that were killed before their drops ran.
+/// Deletes what test processes that were killed before their drops ran left behind:
+/// their namespaces, and the steering pinned for their nodes (named after the nodes'
+/// namespaces, under the default pin root).
 fn sweep_orphans() {
-    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let owner = name
-            .strip_prefix(PREFIX)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok());
-        if let Some(pid) = owner
-            && !Path::new("/proc").join(pid.to_string()).exists()
-        {
-            delete_namespace(&name);
+    for (name, _) in orphans(Path::new(NETNS_DIR)) {
+        delete_namespace(&name);
+    }
+    for (_, path) in orphans(Path::new(DEFAULT_PIN_ROOT)) {
+        if let Err(err) = std::fs::remove_dir_all(&path) {
+            eprintln!("cannot remove pins {}: {err}", path.display());
         }
     }
+}
+
+/// Entries of `dir` named by the harness for a process that no longer runs.
+fn orphans(dir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix(PREFIX)?
+                .split('-')
+                .next()?
+                .parse::<u32>()
+                .ok()?;
+            let gone = !Path::new("/proc").join(pid.to_string()).exists();
+            gone.then(|| (name, entry.path()))
+        })
+        .collect()
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
@@ -486,6 +474,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::capture::contains;
 
     /// Pod to pod on the same node and across nodes, IPv4 and IPv6.
     #[tokio::test]
@@ -558,6 +547,42 @@ mod tests {
         assert!(addresses.contains(&pod.ip().to_string()), "{addresses}");
         assert!(addresses.contains(&pod.ipv6().to_string()), "{addresses}");
         assert!(pod.exec("false", &[]).is_err());
+    }
+
+    #[tokio::test]
+    async fn captures_see_plaintext_on_the_bridge_and_in_the_node() {
+        let cluster = Cluster::builder()
+            .nodes(2)
+            .pods_per_node(2)
+            .build()
+            .unwrap();
+        let between_nodes = cluster.capture_between_nodes().unwrap();
+        let in_node = cluster.node(1).capture().unwrap();
+        let server = cluster.pod(1, 1);
+        let listener = server
+            .netns()
+            .unwrap()
+            .listen(SocketAddr::new(server.ip().into(), 7000), 0)
+            .unwrap();
+        for (client, marker) in [
+            (cluster.pod(0, 0), &b"marker-across-nodes"[..]),
+            (cluster.pod(1, 0), &b"marker-within-node"[..]),
+        ] {
+            let netns = client.netns().unwrap();
+            let (connected, accepted) = tokio::join!(
+                netns.connect(None, SocketAddr::new(server.ip().into(), 7000), 0),
+                listener.accept()
+            );
+            connected.unwrap().write_all(marker).await.unwrap();
+            let mut buf = vec![0; marker.len()];
+            accepted.unwrap().0.read_exact(&mut buf).await.unwrap();
+        }
+        let between_nodes = between_nodes.stop().unwrap();
+        let in_node = in_node.stop().unwrap();
+        assert!(contains(&between_nodes, b"marker-across-nodes"));
+        assert!(!contains(&between_nodes, b"marker-within-node"));
+        assert!(contains(&in_node, b"marker-within-node"));
+        assert!(contains(&in_node, b"marker-across-nodes"));
     }
 
     #[test]

@@ -8,9 +8,11 @@
 //! # drop(out); Ok(()) }
 //! ```
 
+mod capture;
 mod cluster;
 mod mesh;
 
+pub use capture::{Capture, contains};
 pub use cluster::{Cluster, ClusterBuilder, Node, Pod, require_root};
 pub use mesh::{Mesh, PodSpec, ztunnel_binary};
 pub use ztunnel;

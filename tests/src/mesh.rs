@@ -17,7 +17,6 @@ use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -82,7 +81,7 @@ impl PodSpec {
 
 /// One tunnel per node of a cluster, from one description of the mesh.
 pub struct Mesh {
-    dir: Scratch,
+    _dir: tempfile::TempDir,
     nodes: Vec<NodeTunnel>,
 }
 
@@ -100,7 +99,10 @@ impl Mesh {
     /// of Istio resources (indented as items of `policies:`), or empty.
     pub fn new(cluster: &Cluster, pods: Vec<PodSpec>, policies: &str) -> Result<Mesh> {
         crate::require_root();
-        let dir = Scratch::create()?;
+        let dir = tempfile::Builder::new()
+            .prefix("ztt-mesh-")
+            .tempdir()
+            .context("cannot make a directory for the mesh")?;
         let ca = dir.path().join("ca");
         let out = Command::new(ztunnel_binary()?)
             .args(["ca", "init", "--dir"])
@@ -113,7 +115,12 @@ impl Mesh {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let pin_parent = Path::new("/sys/fs/bpf").join(dir.name());
+        // Named after the scratch directory: unique on this machine.
+        let pin_parent = Path::new("/sys/fs/bpf").join(
+            dir.path()
+                .file_name()
+                .context("the scratch directory has a name")?,
+        );
         let mut nodes = Vec::new();
         for node in cluster.nodes() {
             let config = dir.path().join(format!("{}.yaml", node.name()));
@@ -131,7 +138,7 @@ impl Mesh {
                 child: None,
             });
         }
-        Ok(Mesh { dir, nodes })
+        Ok(Mesh { _dir: dir, nodes })
     }
 
     /// Starts every node's tunnel and waits until all are ready.
@@ -259,11 +266,6 @@ impl Mesh {
             .unwrap_or_default();
         Ok((status, body))
     }
-
-    /// The scratch directory holding the CA, configs and logs.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
 }
 
 impl Drop for Mesh {
@@ -377,39 +379,4 @@ fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-/// A directory for one mesh's files, with a name unique on this machine; removed on drop.
-struct Scratch {
-    path: PathBuf,
-    name: String,
-}
-
-impl Scratch {
-    fn create() -> Result<Scratch> {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "ztt-mesh-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let path = std::env::temp_dir().join(&name);
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(Scratch { path, name })
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn name(&self) -> &str {
-        &self.name
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
 }

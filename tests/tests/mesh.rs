@@ -9,14 +9,13 @@
 //!   (outside the mesh)
 
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use ztunnel_tests::{Cluster, Mesh, Node, Pod, PodSpec};
+use ztunnel_tests::{Cluster, Mesh, Pod, PodSpec, contains};
 
 const PAYMENTS_PORT: u16 = 9090;
 const WEB_PORT: u16 = 8080;
@@ -152,10 +151,6 @@ impl Drop for Echo {
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 async fn connect(from: &Pod, to: SocketAddr) -> Result<TcpStream> {
     let netns = from.netns()?;
     let tcp = tokio::time::timeout(STEP, netns.connect(None, to, 0))
@@ -198,82 +193,12 @@ async fn assert_refused(from: &Pod, to: SocketAddr, msg: &[u8], app: &Echo) {
     assert!(!app.got(msg), "{to}'s application received {msg:?}");
 }
 
-/// `tcpdump -i any` in a node's namespace: every packet on the node's link to the
-/// other nodes and on its pods' veths. No capture filter: libpcap's kernel filter for
-/// `any` drops every packet inside a network namespace here; filters apply on reading.
-struct Capture {
-    child: Child,
-    file: std::path::PathBuf,
-}
-
-impl Capture {
-    async fn start(node: &Node, dir: &std::path::Path) -> Capture {
-        let file = dir.join(format!("{}.pcap", node.name()));
-        let log = dir.join(format!("{}.tcpdump.log", node.name()));
-        let child = node
-            .command("tcpdump")
-            .args(["-i", "any", "--immediate-mode", "-U", "-n", "-s", "0", "-w"])
-            .arg(&file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("tcpdump (installed by cargo xtask setup)");
-        let capture = Capture { child, file };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("listening on")
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "tcpdump did not start capturing"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        capture
-    }
-
-    /// Stops the capture; returns the raw pcap bytes and the number of packets to or
-    /// from port 15008 (HBONE).
-    fn finish(mut self) -> (Vec<u8>, usize) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        )
-        .unwrap();
-        self.child.wait().unwrap();
-        let bytes = std::fs::read(&self.file).unwrap();
-        let out = std::process::Command::new("tcpdump")
-            .args(["-n", "-r"])
-            .arg(&self.file)
-            .arg("tcp port 15008")
-            .output()
-            .unwrap();
-        let hbone = String::from_utf8_lossy(&out.stdout).lines().count();
-        eprintln!(
-            "capture {}: {} bytes, {hbone} HBONE packets; {}",
-            self.file.display(),
-            bytes.len(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        (bytes, hbone)
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn pod_traffic_is_hbone_on_the_wire_same_node_and_across_nodes_over_ipv4_and_ipv6() {
     let setup = Setup::started().await;
     let captures = [
-        Capture::start(setup.cluster.node(0), setup.mesh.dir()).await,
-        Capture::start(setup.cluster.node(1), setup.mesh.dir()).await,
+        setup.cluster.node(0).capture().unwrap(),
+        setup.cluster.node(1).capture().unwrap(),
     ];
     let mut secrets = Vec::new();
     for family in families(setup.orders()) {
@@ -303,9 +228,8 @@ async fn pod_traffic_is_hbone_on_the_wire_same_node_and_across_nodes_over_ipv4_a
         &control,
     )
     .await;
-    let [node0, node1] = captures.map(Capture::finish);
-    for (node, (pcap, hbone)) in [(0, &node0), (1, &node1)] {
-        assert!(*hbone > 0, "node {node}: no HBONE packet captured");
+    let [node0, node1] = captures.map(|capture| capture.stop().unwrap());
+    for (node, pcap) in [(0, &node0), (1, &node1)] {
         for secret in &secrets {
             assert!(
                 !contains(pcap, secret),
@@ -315,9 +239,22 @@ async fn pod_traffic_is_hbone_on_the_wire_same_node_and_across_nodes_over_ipv4_a
         }
     }
     assert!(
-        contains(&node1.0, &control),
+        contains(&node1, &control),
         "the control plaintext was not captured: the capture proves nothing"
     );
+    // The receiving tunnels say how the secrets arrived: mutual TLS, from orders.
+    for node in [0, 1] {
+        let metrics = setup.mesh.metrics(node).await.unwrap();
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                    && l.contains("reporter=\"destination\"")
+                    && l.contains("source_principal=\"spiffe://cluster.local/ns/prod/sa/orders\"")
+                    && l.contains("connection_security_policy=\"mutual_tls\"")),
+            "node {node} received no mutual TLS connection from orders:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]

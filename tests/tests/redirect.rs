@@ -12,7 +12,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing_subscriber::layer::SubscriberExt;
 use ztunnel::netns::{Netns, TUNNEL_MARK};
-use ztunnel::redirect::{Config, PodListeners, PodNetwork, Redirect};
+use ztunnel::redirect::{Config, Metrics, Operation, PodListeners, PodNetwork, Redirect};
+use ztunnel_ebpf_common::{
+    ConnectionKey, INBOUND_PORT, MAP_LAYOUT_VERSION, OUTBOUND_PORT, SockAddr, maps,
+};
 use ztunnel_tests::{Cluster, Pod};
 
 const APP_PORT: u16 = 8080;
@@ -47,7 +50,12 @@ fn pod_network(pod: &Pod) -> PodNetwork {
 }
 
 fn load(config: &Config) -> Redirect {
-    Redirect::load(config).unwrap_or_else(|err| panic!("cannot load the programs: {err:?}"))
+    load_counted(config, Metrics::default())
+}
+
+fn load_counted(config: &Config, metrics: Metrics) -> Redirect {
+    Redirect::load(config, metrics)
+        .unwrap_or_else(|err| panic!("cannot load the programs: {err:?}"))
 }
 
 fn enrol(redirect: &Redirect, pod: &Pod) -> PodListeners {
@@ -109,6 +117,43 @@ async fn assert_nothing_accepted(listener: &TcpListener, what: &str) {
     assert!(result.is_err(), "{what}: a connection arrived");
 }
 
+/// With both pods enrolled and the tunnel's listeners gone, nothing reaches the server's
+/// application, which listens on `APP_PORT`.
+async fn assert_fails_closed(client: &Pod, server: &Pod) {
+    // The tunnel's listeners are closed, but a child that another test forked at that
+    // instant may hold them until it execs: wait until they refuse connections.
+    wait_until_closed(
+        client,
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
+    )
+    .await;
+    wait_until_closed(client, SocketAddr::new(server.ip().into(), INBOUND_PORT)).await;
+    let app = app_listener(server, server.ip().into());
+    let dst = SocketAddr::new(server.ip().into(), APP_PORT);
+    // Outbound from the enrolled client: steered to a capture socket that is gone.
+    assert_connect_fails(client, dst, 0, std::io::ErrorKind::ConnectionRefused).await;
+    // Inbound to the enrolled server from a socket the tunnel does not steer (the
+    // tunnel's mark): the SYN is dropped, never handed to the application; the kernel
+    // answers it as for a closed port.
+    let refused = std::io::ErrorKind::ConnectionRefused;
+    assert_connect_fails(client, dst, TUNNEL_MARK, refused).await;
+    assert_nothing_accepted(&app, "application with the tunnel away").await;
+}
+
+/// Waits (2 s at most) until connecting from `pod` to `addr` with the tunnel's mark is
+/// refused.
+async fn wait_until_closed(pod: &Pod, addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while try_connect(pod, addr, TUNNEL_MARK).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{addr} still accepts in {}",
+            pod.name()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Proves bytes flow both ways between two ends of one connection.
 async fn assert_connected(client: &mut TcpStream, server: &mut TcpStream) {
     client.write_all(b"ping").await.unwrap();
@@ -160,7 +205,13 @@ impl std::io::Write for CaptureWriter {
 async fn programs_load_attach_and_uninstall() {
     let cluster = Cluster::builder().build().unwrap();
     let (config, _guard) = config(&cluster);
+    // Maps of an older layout, as an older tunnel would have left them.
     let redirect = load(&config);
+    let old_layout = config.pin_root.join("maps-v0");
+    std::fs::create_dir(&old_layout).unwrap();
+    drop(redirect);
+    let redirect = load(&config);
+    assert!(!old_layout.exists(), "maps of another layout left pinned");
     let cgroup_links: Vec<String> = std::fs::read_dir(config.pin_root.join("links/cgroup"))
         .unwrap()
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
@@ -168,6 +219,8 @@ async fn programs_load_attach_and_uninstall() {
     for program in [
         "steer_connect4-",
         "steer_connect6-",
+        "restore_peer4-",
+        "restore_peer6-",
         "record_established-",
         "forget_released-",
     ] {
@@ -180,7 +233,7 @@ async fn programs_load_attach_and_uninstall() {
             "{program} in {cgroup_links:?}"
         );
     }
-    assert!(config.pin_root.join("maps-v1/ENROLLED").exists());
+    assert!(maps_dir(&config).join(maps::ENROLLED).exists());
     redirect.uninstall().unwrap();
     assert!(!config.pin_root.exists());
 }
@@ -189,10 +242,12 @@ async fn programs_load_attach_and_uninstall() {
 async fn outbound_connects_are_steered_and_the_original_destination_recorded() {
     let cluster = Cluster::builder().pods_per_node(2).build().unwrap();
     let (config, _guard) = config(&cluster);
-    let redirect = load(&config);
+    let metrics = Metrics::default();
+    let redirect = load_counted(&config, metrics.clone());
     let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
     let listeners = enrol(&redirect, client);
     assert_eq!(listeners.outbound.len(), 2, "IPv4 and IPv6 capture");
+    assert_eq!(metrics.enrolled(), 1);
 
     let v4_mapped = IpAddr::V6(server.ip().to_ipv6_mapped());
     for (destination, capture, expected) in [
@@ -206,6 +261,8 @@ async fn outbound_connects_are_steered_and_the_original_destination_recorded() {
         let mut connected = connect(client, dst, 0).await;
         let (mut accepted, peer) = accept(&listeners.outbound[capture]).await;
         assert_connected(&mut connected, &mut accepted).await;
+        // The application sees the peer it asked for.
+        assert_eq!(connected.peer_addr().unwrap(), dst);
         let original = redirect
             .original_destination(listeners.netns_cookie, peer.port())
             .unwrap();
@@ -218,33 +275,112 @@ async fn outbound_connects_are_steered_and_the_original_destination_recorded() {
             None
         );
     }
+    assert_eq!(metrics.missing_destinations(), 3);
+    assert_eq!(metrics.failures(Operation::original_destination), 0);
+    redirect.uninstall().unwrap();
+}
+
+fn maps_dir(config: &Config) -> PathBuf {
+    config.pin_root.join(format!("maps-v{MAP_LAYOUT_VERSION}"))
+}
+
+/// Entries in a pinned map of the node.
+fn pinned_entries<K: aya::Pod>(config: &Config, map: &str) -> usize {
+    let path = maps_dir(config).join(map);
+    let data = aya::maps::MapData::from_pin(&path)
+        .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    let map = aya::maps::Map::LruHashMap(data);
+    let map: aya::maps::HashMap<_, K, SockAddr> = map.try_into().unwrap();
+    map.keys().count()
+}
+
+#[tokio::test]
+async fn what_is_kept_per_connection_goes_with_it() {
+    let cluster = Cluster::builder().pods_per_node(2).build().unwrap();
+    let (config, _guard) = config(&cluster);
+    let redirect = load(&config);
+    let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
+    let listeners = enrol(&redirect, client);
+    let dst = SocketAddr::new(server.ip().into(), APP_PORT);
+    let mut connections = Vec::new();
+    for _ in 0..20 {
+        let connected = connect(client, dst, 0).await;
+        let (accepted, peer) = accept(&listeners.outbound[0]).await;
+        connections.push((connected, accepted, peer.port()));
+    }
+    assert_eq!(
+        pinned_entries::<u64>(&config, maps::DESTINATION_BY_SOCKET),
+        20
+    );
+    assert_eq!(
+        pinned_entries::<ConnectionKey>(&config, maps::DESTINATION_BY_PORT),
+        20
+    );
+    for (_, _, port) in &connections {
+        let original = redirect
+            .original_destination(listeners.netns_cookie, *port)
+            .unwrap();
+        assert_eq!(original, Some(dst));
+    }
+    assert_eq!(
+        pinned_entries::<ConnectionKey>(&config, maps::DESTINATION_BY_PORT),
+        0
+    );
+    drop(connections);
+    // The kernel releases a closed socket once the last reference to it goes: a child
+    // that another test forks at that instant holds one until it execs.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let left = pinned_entries::<u64>(&config, maps::DESTINATION_BY_SOCKET);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{left} sockets still kept after close"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     redirect.uninstall().unwrap();
 }
 
 #[tokio::test]
-async fn excluded_ports_and_destinations_are_not_steered() {
+async fn excluded_ports_and_peers_are_not_steered() {
     let cluster = Cluster::builder().pods_per_node(2).build().unwrap();
     let (mut config, _guard) = config(&cluster);
     let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
+    const OTHER_PORT: u16 = 9090;
     config.excluded_ports = vec![APP_PORT];
-    config.excluded_destinations = vec![format!("{}/128", server.ipv6()).parse().unwrap()];
+    config.excluded_peers = vec![
+        format!("{}/128", server.ipv6()).parse().unwrap(),
+        format!("{}/32", client.ip()).parse().unwrap(),
+    ];
     let redirect = load(&config);
-    let listeners = enrol(&redirect, client);
-    for ip in [IpAddr::from(server.ip()), server.ipv6().into()] {
-        let app = app_listener(server, ip);
-        let mut connected = connect(client, SocketAddr::new(ip, APP_PORT), 0).await;
-        let (mut accepted, _) = accept(&app).await;
-        assert_connected(&mut connected, &mut accepted).await;
-    }
-    // Another port to the excluded IPv6 destination: still direct.
-    let app = server
-        .netns()
-        .unwrap()
-        .listen(SocketAddr::new(server.ipv6().into(), 9090), 0)
+    let client_listeners = enrol(&redirect, client);
+    let server_listeners = enrol(&redirect, server);
+
+    // Excluded port out of the client, excluded peer (the client) into the server.
+    let app = app_listener(server, server.ip().into());
+    let mut connected = connect(client, SocketAddr::new(server.ip().into(), APP_PORT), 0).await;
+    let (mut accepted, _) = accept(&app).await;
+    assert_connected(&mut connected, &mut accepted).await;
+
+    // Excluded peer out of the client; into the server from a peer that is not
+    // excluded (the client's IPv6 address): the server's tunnel listener takes it.
+    let dst = SocketAddr::new(server.ipv6().into(), OTHER_PORT);
+    connect(client, dst, 0).await;
+    let (accepted, _) = accept(&server_listeners.inbound[1]).await;
+    assert_eq!(accepted.local_addr().unwrap(), dst);
+
+    // Neither port nor peer excluded: steered out of the client.
+    let dst = SocketAddr::new(server.ip().into(), OTHER_PORT);
+    connect(client, dst, 0).await;
+    let (_, peer) = accept(&client_listeners.outbound[0]).await;
+    let original = redirect
+        .original_destination(client_listeners.netns_cookie, peer.port())
         .unwrap();
-    connect(client, SocketAddr::new(server.ipv6().into(), 9090), 0).await;
-    accept(&app).await;
-    for capture in &listeners.outbound {
+    assert_eq!(original, Some(dst));
+    for capture in &client_listeners.outbound {
         assert_nothing_accepted(capture, "outbound capture").await;
     }
     redirect.uninstall().unwrap();
@@ -294,23 +430,7 @@ async fn without_the_tunnel_listeners_connections_fail_closed() {
     let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
     drop(enrol(&redirect, client));
     drop(enrol(&redirect, server));
-    let app = app_listener(server, server.ip().into());
-    let dst = SocketAddr::new(server.ip().into(), APP_PORT);
-
-    // Outbound from the enrolled client: steered to a capture socket that is gone.
-    assert_connect_fails(client, dst, 0, std::io::ErrorKind::ConnectionRefused).await;
-
-    // Inbound to the enrolled server from a socket the tunnel does not steer (the
-    // tunnel's mark): the SYN is dropped, never handed to the application; the kernel
-    // answers it as for a closed port.
-    assert_connect_fails(
-        client,
-        dst,
-        TUNNEL_MARK,
-        std::io::ErrorKind::ConnectionRefused,
-    )
-    .await;
-    assert_nothing_accepted(&app, "application with the tunnel away").await;
+    assert_fails_closed(client, server).await;
 
     // The program said why, through aya-log into tracing.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -357,14 +477,17 @@ async fn a_pods_connections_to_itself_are_not_steered() {
     let redirect = load(&config);
     let pod = cluster.pod(0, 0);
     let listeners = enrol(&redirect, pod);
-    for ip in [
-        IpAddr::from(pod.ip()),
-        pod.ipv6().into(),
-        Ipv4Addr::LOCALHOST.into(),
-        Ipv6Addr::LOCALHOST.into(),
+    for (listen, dst) in [
+        (IpAddr::from(pod.ip()), IpAddr::from(pod.ip())),
+        (pod.ipv6().into(), pod.ipv6().into()),
+        (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::LOCALHOST.into()),
+        (Ipv6Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()),
+        // The unspecified address connects to the host itself.
+        (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::UNSPECIFIED.into()),
+        (Ipv6Addr::LOCALHOST.into(), Ipv6Addr::UNSPECIFIED.into()),
     ] {
-        let app = app_listener(pod, ip);
-        let mut connected = connect(pod, SocketAddr::new(ip, APP_PORT), 0).await;
+        let app = app_listener(pod, listen);
+        let mut connected = connect(pod, SocketAddr::new(dst, APP_PORT), 0).await;
         let (mut accepted, _) = accept(&app).await;
         assert_connected(&mut connected, &mut accepted).await;
     }
@@ -375,13 +498,44 @@ async fn a_pods_connections_to_itself_are_not_steered() {
 }
 
 #[tokio::test]
-async fn release_restores_direct_traffic() {
+async fn enrolling_leaves_established_connections_alone() {
     let cluster = Cluster::builder().pods_per_node(2).build().unwrap();
     let (config, _guard) = config(&cluster);
     let redirect = load(&config);
     let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
+    let mut established = Vec::new();
+    for ip in [IpAddr::from(server.ip()), server.ipv6().into()] {
+        let app = app_listener(server, ip);
+        let connected = connect(client, SocketAddr::new(ip, APP_PORT), 0).await;
+        let (accepted, _) = accept(&app).await;
+        established.push((connected, accepted));
+    }
+    let listeners = [enrol(&redirect, client), enrol(&redirect, server)];
+    for (connected, accepted) in &mut established {
+        assert_connected(connected, accepted).await;
+    }
+    for listener in listeners
+        .iter()
+        .flat_map(|l| l.outbound.iter().chain(&l.inbound))
+    {
+        assert_nothing_accepted(listener, "tunnel listener").await;
+    }
+    redirect.uninstall().unwrap();
+}
+
+#[tokio::test]
+async fn release_restores_direct_traffic() {
+    let cluster = Cluster::builder().pods_per_node(2).build().unwrap();
+    let (config, _guard) = config(&cluster);
+    let metrics = Metrics::default();
+    let redirect = load_counted(&config, metrics.clone());
+    let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
     let client_listeners = enrol(&redirect, client);
     let server_listeners = enrol(&redirect, server);
+    let err = redirect.enrol(&pod_network(client)).unwrap_err();
+    assert!(err.to_string().contains("already enrolled"), "{err}");
+    assert_eq!(metrics.failures(Operation::enrol), 1);
+    assert_eq!(metrics.enrolled(), 2);
     redirect.release(client.name()).unwrap();
     redirect.release(server.name()).unwrap();
     drop((client_listeners, server_listeners));
@@ -400,8 +554,10 @@ async fn release_restores_direct_traffic() {
     let (mut accepted, _) = accept(&app).await;
     assert_connected(&mut connected, &mut accepted).await;
 
+    assert_eq!(metrics.enrolled(), 0);
     let err = redirect.release(client.name()).unwrap_err();
     assert!(err.to_string().contains(client.name()), "{err}");
+    assert_eq!(metrics.failures(Operation::release), 1);
     redirect.uninstall().unwrap();
 }
 
@@ -415,18 +571,8 @@ async fn pinned_steering_outlives_the_tunnel_and_is_renewed_or_reconciled() {
     drop(enrol(&redirect, server));
     // The tunnel goes away: its process state and sockets are gone, the pins stay.
     drop(redirect);
-
-    let app = app_listener(server, server.ip().into());
+    assert_fails_closed(client, server).await;
     let dst = SocketAddr::new(server.ip().into(), APP_PORT);
-    assert_connect_fails(client, dst, 0, std::io::ErrorKind::ConnectionRefused).await;
-    assert_connect_fails(
-        client,
-        dst,
-        TUNNEL_MARK,
-        std::io::ErrorKind::ConnectionRefused,
-    )
-    .await;
-    assert_nothing_accepted(&app, "application with the tunnel away").await;
 
     // A new tunnel renews the server's steering with its own programs and sockets.
     let redirect = load(&config);

@@ -1,6 +1,7 @@
 //! Installs what a fresh machine of this image lacks, and skips what is already there.
 //! The facts behind each step are in shared/TOOLCHAIN.md: nightly needs `rust-src` for
-//! `-Z build-std`, and bpf-linker must be built against LLVM 22 (nightly's LLVM major).
+//! `-Z build-std` (and clippy to lint the eBPF programs), and bpf-linker must be built
+//! against LLVM 22 (nightly's LLVM major).
 
 use std::process::{Command, Stdio};
 
@@ -11,17 +12,27 @@ use crate::run as run_command;
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Debian packages: LLVM for bpf-linker, and the tools the end-to-end tests and
-/// benchmarks drive (iproute2 for namespaces, util-linux for nsenter and prlimit,
-/// tcpdump to look at the wire, iperf3).
-const DEBIAN_PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "util-linux", "tcpdump", "iperf3"];
+/// benchmarks drive (iproute2 for namespaces, procps for sysctl inside them, util-linux
+/// for nsenter and prlimit, tcpdump to look at the wire, iperf3).
+const DEBIAN_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "iproute2",
+    "procps",
+    "util-linux",
+    "tcpdump",
+    "iperf3",
+];
 
 pub fn run() -> Result<()> {
-    install_rust_src()?;
+    install_nightly_components()?;
     install_debian_packages()?;
     install_bpf_linker()
 }
 
-fn install_rust_src() -> Result<()> {
+/// Nightly components: `rust-src` for `-Z build-std`, clippy to lint the eBPF programs.
+const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
+
+fn install_nightly_components() -> Result<()> {
     let out = Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()
@@ -32,20 +43,21 @@ fn install_rust_src() -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    if String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.starts_with("rust-src"))
-    {
-        return Ok(());
+    let installed = String::from_utf8_lossy(&out.stdout);
+    for component in NIGHTLY_COMPONENTS {
+        if installed.lines().any(|l| l.starts_with(component)) {
+            continue;
+        }
+        eprintln!("setup: adding {component} to the nightly toolchain");
+        run_command(Command::new("rustup").args([
+            "component",
+            "add",
+            component,
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
-    eprintln!("setup: adding rust-src to the nightly toolchain");
-    run_command(Command::new("rustup").args([
-        "component",
-        "add",
-        "rust-src",
-        "--toolchain",
-        "nightly",
-    ]))
+    Ok(())
 }
 
 fn install_debian_packages() -> Result<()> {

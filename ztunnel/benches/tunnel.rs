@@ -53,6 +53,18 @@ async fn rtt(tcp: &mut TcpStream) {
     tcp.read_exact(&mut byte).await.expect("read");
 }
 
+/// User plus system CPU time of this process so far (from /proc/self/stat).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let after = &stat[stat.rfind(')').expect("command name") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // /proc counts in USER_HZ, fixed at 100 by the Linux ABI.
+    ticks as f64 / 100.0
+}
+
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -102,6 +114,23 @@ fn benches(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    // CPU cost per GiB of the whole process (application client and sink included;
+    // `direct` is that share alone), which wall time on a shared machine hides.
+    for (name, connect) in &paths {
+        let mut tcp = rt.block_on(connect(sink_addr));
+        let (cpu, start) = (cpu_seconds(), Instant::now());
+        rt.block_on(async {
+            for _ in 0..(1 << 30) / BULK {
+                send_bulk(&mut tcp, &buf).await;
+            }
+        });
+        println!(
+            "cpu_per_gib/{name}: {:.2} CPU-s per GiB ({:.2} s wall)",
+            cpu_seconds() - cpu,
+            start.elapsed().as_secs_f64()
+        );
+    }
 
     let mut group = c.benchmark_group("round_trip_1B");
     for (name, connect) in &paths {

@@ -82,7 +82,8 @@ pub struct Args {
     /// The source workload, as namespace/name.
     #[arg(long, value_name = "NAMESPACE/NAME")]
     pub from: Option<WorkloadName>,
-    /// The source address, for a source that is not a workload in the config.
+    /// The source address: a workload's address stands for that workload; any other
+    /// address is a source outside the mesh (plaintext, no identity).
     #[arg(long, value_name = "IP")]
     pub from_ip: Option<IpAddr>,
     /// The original destination: a workload IP or a service VIP, and a port.

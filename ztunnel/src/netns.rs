@@ -21,9 +21,9 @@
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
 use nix::sched::{CloneFlags, setns};
 use nix::{getsockopt_impl, sockopt_impl};
@@ -32,6 +32,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// The mark (`SO_MARK`) on every socket the tunnel opens: the eBPF programs leave
 /// sockets with this mark alone, so the tunnel's own connections are never steered.
 pub use ztunnel_ebpf_common::TUNNEL_MARK;
+
+/// Stack of a namespace's thread: it only runs short socket set-ups, and there is one
+/// per enrolled pod.
+const NETNS_THREAD_STACK: usize = 256 * 1024;
 
 /// Backlog of the listeners made by [`Netns::listen`].
 const LISTEN_BACKLOG: i32 = 1024;
@@ -81,10 +85,14 @@ pub enum Error {
 type Job = Box<dyn FnOnce() + Send>;
 
 /// A handle on a network namespace, with a thread inside it that makes sockets there.
-/// Cheap to clone; the thread ends when the last clone is dropped.
+/// Cheap to clone; the thread ends when the last clone is dropped. While it runs, the
+/// thread keeps the namespace alive (as do the sockets made in it).
 #[derive(Clone, Debug)]
 pub struct Netns {
     path: PathBuf,
+    /// The namespace itself, opened once: a `/proc/PID/ns/net` path lives only as long
+    /// as that process, the open file as long as this handle.
+    file: Arc<File>,
     jobs: mpsc::Sender<Job>,
 }
 
@@ -94,22 +102,24 @@ impl Netns {
     /// network namespace).
     pub fn open(path: impl AsRef<Path>) -> Result<Netns, Error> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).map_err(|source| Error::Open {
+        let file = Arc::new(File::open(&path).map_err(|source| Error::Open {
             path: path.clone(),
             source,
-        })?;
+        })?);
+        let thread_file = file.clone();
         let (jobs, queue) = mpsc::channel::<Job>();
         let (entered_tx, entered) = mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name(format!("netns {}", path.display()))
+            .stack_size(NETNS_THREAD_STACK)
             .spawn(move || {
-                let result = setns(file.as_fd(), CloneFlags::CLONE_NEWNET);
+                let result = setns(thread_file.as_fd(), CloneFlags::CLONE_NEWNET);
+                drop(thread_file);
                 let ok = result.is_ok();
                 // The opener waits for this answer; if it is gone there is no one to serve.
                 if entered_tx.send(result).is_err() || !ok {
                     return;
                 }
-                drop(file);
                 for job in queue {
                     job();
                 }
@@ -119,7 +129,7 @@ impl Netns {
                 source,
             })?;
         match entered.recv() {
-            Ok(Ok(())) => Ok(Netns { path, jobs }),
+            Ok(Ok(())) => Ok(Netns { path, file, jobs }),
             Ok(Err(source)) => Err(Error::Enter { path, source }),
             Err(mpsc::RecvError) => Err(Error::Stopped { path }),
         }
@@ -224,6 +234,13 @@ impl Netns {
         Error::Stopped {
             path: self.path.clone(),
         }
+    }
+}
+
+/// The namespace's file descriptor, e.g. to attach a program to the namespace.
+impl AsFd for Netns {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 }
 

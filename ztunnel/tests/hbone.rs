@@ -32,23 +32,25 @@ async fn many_connections_share_one_tls_connection() {
     let pair = Pair::new(11, Config::default()).await;
     // All start cold at once: they must share one handshake and one connection.
     let mut tasks = Vec::new();
+    let (up_tx, mut up_rx) = tokio::sync::mpsc::channel(50);
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     for i in 0..50u32 {
-        let echo = pair.echo;
-        let socks = pair.socks;
-        let client_ip = pair.client_ip;
-        let mut ready = ready_rx.clone();
+        let (echo, socks, client_ip) = (pair.echo, pair.socks, pair.client_ip);
+        let (up, mut ready) = (up_tx.clone(), ready_rx.clone());
         tasks.push(tokio::spawn(async move {
             let mut tcp = support::socks5_connect(socks, client_ip, echo)
                 .await
                 .unwrap();
             round_trip(&mut tcp, format!("hello {i}").as_bytes()).await;
+            up.send(()).await.unwrap();
             // Keep every connection open until all are up.
             ready.wait_for(|r| *r).await.unwrap();
             round_trip(&mut tcp, b"bye").await;
         }));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..50 {
+        up_rx.recv().await.unwrap();
+    }
     assert_eq!(pair.client.proxy.pool().connections(&pair.key()), 1);
     ready_tx.send(true).unwrap();
     for task in tasks {
@@ -432,4 +434,18 @@ async fn wrong_server_identity_or_dead_endpoint_fail_cleanly() {
     // The good route still works.
     let mut tcp = pair.connect(pair.echo).await.unwrap();
     round_trip(&mut tcp, b"fine").await;
+}
+
+#[tokio::test]
+async fn a_full_connection_makes_room_on_another() {
+    let mut config = Config::default();
+    config.pool.max_streams_per_connection = 2;
+    let pair = Pair::new(8, config).await;
+    let mut open = Vec::new();
+    for expected in [1, 1, 2, 2, 3] {
+        let mut tcp = pair.connect(pair.echo).await.unwrap();
+        round_trip(&mut tcp, b"x").await;
+        open.push(tcp);
+        assert_eq!(pair.client.proxy.pool().connections(&pair.key()), expected);
+    }
 }

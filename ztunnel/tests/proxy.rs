@@ -221,7 +221,7 @@ async fn drain_stops_accepting_then_closes_after_grace() {
         .await
         .expect("drain ends after the grace period")
         .unwrap();
-    let _ = ends(&mut open).await;
+    assert!(ends(&mut open).await.is_err(), "closed with a reset");
     assert_eq!(pair.client.proxy.drain_handle().open_connections(), 0);
 }
 
@@ -295,4 +295,41 @@ async fn ten_thousand_sequential_connections_leave_nothing_behind() {
         .find(|l| l.starts_with("istio_tcp_connections_closed_total{reporter=\"source\""))
         .unwrap();
     assert!(closed.ends_with(" 10500"), "{closed}");
+}
+
+#[tokio::test]
+async fn huge_headers_and_garbage_do_not_hurt_the_server() {
+    let pair = Pair::new(30, Config::default()).await;
+    // A CONNECT with 100 KiB of headers (the server allows 64 KiB).
+    let (mut send, connection) = h2::client::handshake(client_tls(&pair).await)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(pair.echo.to_string())
+        .header("x-padding", "a".repeat(100 * 1024))
+        .body(())
+        .unwrap();
+    let answer = match send.send_request(request, false) {
+        Ok((response, _)) => response.await.map(|r| r.status()),
+        Err(e) => Err(e),
+    };
+    assert!(!matches!(answer, Ok(StatusCode::OK)), "{answer:?}");
+
+    // Garbage instead of a TLS ClientHello.
+    let mut garbage = tcp_from(pair.client_ip, pair.hbone).await;
+    garbage.write_all(&[0x42; 4096]).await.unwrap();
+    let _ = ends(&mut garbage).await;
+    assert_eq!(
+        pair.server
+            .proxy
+            .metrics()
+            .refused_count(RefusedReason::Handshake),
+        1
+    );
+
+    // Still serving.
+    let mut tcp = pair.connect(pair.echo).await.unwrap();
+    round_trip(&mut tcp, b"still here").await;
 }

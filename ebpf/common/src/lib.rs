@@ -34,16 +34,17 @@ pub mod maps {
     /// `HashMap<u64 netns cookie, EnrolledPod>`: the namespaces whose traffic is steered.
     pub const ENROLLED: &str = "ENROLLED";
     /// `LruHashMap<u64 socket cookie, SockAddr>`: original destinations of steered
-    /// connects, until the connection is established.
+    /// connects, until the socket is closed (`getpeername` reports them).
     pub const DESTINATION_BY_SOCKET: &str = "DESTINATION_BY_SOCKET";
     /// `LruHashMap<ConnectionKey, SockAddr>`: original destinations of established
     /// steered connections, for the tunnel to look up by the accepted peer's port.
     pub const DESTINATION_BY_PORT: &str = "DESTINATION_BY_PORT";
-    /// `HashMap<u16 port, u8>`: destination ports never steered (value unused).
+    /// `HashMap<u16 port, u8>`: outbound destination ports never steered (value unused).
     pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
-    /// `LpmTrie<[u8; 4], u8>`: IPv4 destination prefixes never steered.
+    /// `LpmTrie<[u8; 4], u8>`: IPv4 peers never steered, either way: connects to them
+    /// and SYNs from them go direct.
     pub const EXCLUDED_V4: &str = "EXCLUDED_V4";
-    /// `LpmTrie<[u8; 16], u8>`: IPv6 destination prefixes never steered.
+    /// `LpmTrie<[u8; 16], u8>`: IPv6 peers never steered, either way.
     pub const EXCLUDED_V6: &str = "EXCLUDED_V6";
     /// `HashMap<Address, u64 netns cookie>`: the addresses of enrolled pods, whose
     /// inbound SYNs are steered (or dropped while the tunnel is away).
@@ -59,6 +60,8 @@ pub mod programs {
     pub const CONNECT6: &str = "steer_connect6";
     pub const SOCK_OPS: &str = "record_established";
     pub const SOCK_RELEASE: &str = "forget_released";
+    pub const GETPEERNAME4: &str = "restore_peer4";
+    pub const GETPEERNAME6: &str = "restore_peer6";
     pub const SK_LOOKUP: &str = "steer_inbound";
 }
 

@@ -3,20 +3,23 @@
 //! - `steer_connect4` / `steer_connect6` (`cgroup/connect4`, `cgroup/connect6`, on the
 //!   node's cgroup v2 root): a TCP connect from an enrolled pod's namespace, by a socket
 //!   without the tunnel's mark, to a destination that is neither the pod itself, nor
-//!   loopback, nor excluded, is rewritten to the pod's outbound capture listener
+//!   loopback, nor an excluded port or peer, is rewritten to the pod's outbound capture listener
 //!   (127.0.0.1:15001, or [::1]:15001 for IPv6). The original destination is kept by
 //!   socket cookie. A connect to an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is
 //!   treated as the IPv4 connect it is on the wire: the IPv4 rules apply, it is rewritten
 //!   to `::ffff:127.0.0.1:15001` (the IPv4 capture listener) and its original
 //!   destination is recorded as IPv4.
-//! - `record_established` (`sock_ops`): when a steered connection is established, moves
+//! - `record_established` (`sock_ops`): when a steered connection is established, copies
 //!   its original destination to a map keyed by (netns cookie, local port), which the
 //!   tunnel reads with the accepted connection's peer port.
-//! - `forget_released` (`cgroup/sock_release`): drops the per-socket entry of a socket
-//!   closed before it connected; both destination maps are also LRU-bounded.
+//! - `restore_peer4` / `restore_peer6` (`cgroup/getpeername4`, `getpeername6`): the
+//!   application asking a steered socket for its peer is told the original destination,
+//!   not the capture listener.
+//! - `forget_released` (`cgroup/sock_release`): drops a socket's entry when it is closed;
+//!   both destination maps are also LRU-bounded.
 //! - `steer_inbound` (`sk_lookup`, attached to each enrolled pod's namespace): a TCP SYN
 //!   to any port of an enrolled pod address but the HBONE port, not sent by the pod to
-//!   itself and not to loopback, goes to the tunnel's inbound listener for that address.
+//!   itself nor by an excluded peer, and not to loopback, goes to the tunnel's inbound listener for that address.
 //!   When that listener is missing (tunnel away) the SYN is dropped (the kernel then
 //!   answers as for a closed port): steering fails closed. The registered addresses are
 //!   checked first, so a released pod is left alone at once, before the kernel detaches
@@ -39,7 +42,7 @@ use ztunnel_ebpf_common::{
     SockAddr, TUNNEL_MARK,
 };
 
-/// Verdicts of `cgroup/connect*` and `cgroup/sock_*` programs.
+/// Verdicts of the `cgroup/connect*`, `cgroup/getpeername*` and `cgroup/sock_*` programs.
 const CONNECT_ALLOW: i32 = 1;
 const CONNECT_REJECT: i32 = 0;
 /// `sock_ops` programs return 1 when they ran as intended.
@@ -47,8 +50,8 @@ const SOCK_OPS_OK: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 
 const MAX_PODS: u32 = 1024;
-/// Connections between steering and establishment, and established ones awaiting the
-/// tunnel's look-up; the oldest are evicted first.
+/// Steered sockets (kept until closed, for `getpeername`), and established connections
+/// awaiting the tunnel's look-up; beyond that, the least recently used are evicted.
 const MAX_PENDING: u32 = 65536;
 const MAX_EXCLUSIONS: u32 = 1024;
 
@@ -122,7 +125,8 @@ fn try_steer_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         record_destination(ctx, Address::v4(ip[3]), port)?;
         set_user_ip6(addr, [0, 0, V4_MAPPED_PREFIX, LOOPBACK_V4]);
     } else {
-        if ip == LOOPBACK_V6 || ip == pod.ipv6 || excluded_port(port) || excluded_v6(ip) {
+        let local = ip == LOOPBACK_V6 || ip == [0; 4] || ip == pod.ipv6;
+        if local || excluded_port(port) || excluded_v6(ip) {
             return Ok(CONNECT_ALLOW);
         }
         record_destination(ctx, Address::v6(ip), port)?;
@@ -177,8 +181,10 @@ fn steerable_pod(ctx: &SockAddrContext, addr: &bpf_sock_addr) -> Option<Enrolled
 
 /// Whether a connect to the IPv4 `ip` (network order) and `port` is steered.
 fn steered_v4(pod: &EnrolledPod, ip: u32, port: u16) -> bool {
+    // 127/8 is loopback; 0/8 ("this host", 0.0.0.0 connects locally) too.
     let first_octet = ip.to_ne_bytes()[0];
-    !(first_octet == 127 || ip == pod.ipv4 || excluded_port(port) || excluded_v4(ip))
+    let local = first_octet == 127 || first_octet == 0 || ip == pod.ipv4;
+    !(local || excluded_port(port) || excluded_v4(ip))
 }
 
 fn excluded_port(port: u16) -> bool {
@@ -255,9 +261,8 @@ fn try_record_established(ctx: &SockOpsContext) -> Result<(), i64> {
         return Ok(());
     }
     // SAFETY: the helper only reads the context's socket.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: copied out at once; the entry belongs to this socket alone.
-    let Some(destination) = unsafe { DESTINATION_BY_SOCKET.get(cookie) }.copied() else {
+    let Some(destination) = recorded_destination(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) })
+    else {
         return Ok(());
     };
     let key = ConnectionKey {
@@ -267,12 +272,51 @@ fn try_record_established(ctx: &SockOpsContext) -> Result<(), i64> {
         _pad: [0; 3],
     };
     DESTINATION_BY_PORT.insert(key, destination, 0)?;
-    DESTINATION_BY_SOCKET.remove(cookie)?;
     Ok(())
 }
 
-/// Drops what is kept for a socket that closes before its connection was established.
-/// Most sockets have nothing kept, so a failed removal is the normal case.
+/// The original destination kept for the socket with `cookie`, if it was steered.
+fn recorded_destination(cookie: u64) -> Option<SockAddr> {
+    // SAFETY: copied out at once; the entry belongs to that socket alone.
+    unsafe { DESTINATION_BY_SOCKET.get(cookie) }.copied()
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn restore_peer4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands a valid `bpf_sock_addr` for the program's duration.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: the helper only reads the context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(original) = recorded_destination(cookie)
+        && original.address.family == AF_INET
+    {
+        addr.user_ip4 = original.address.words[0];
+        addr.user_port = u32::from(original.port.to_be());
+    }
+    CONNECT_ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn restore_peer6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands a valid `bpf_sock_addr` for the program's duration.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: the helper only reads the context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(original) = recorded_destination(cookie) {
+        let words = original.address.words;
+        // An IPv4 destination of an IPv6 socket was an IPv4-mapped address.
+        let ip = match original.address.family {
+            AF_INET => [0, 0, V4_MAPPED_PREFIX, words[0]],
+            _ => words,
+        };
+        set_user_ip6(addr, ip);
+        addr.user_port = u32::from(original.port.to_be());
+    }
+    CONNECT_ALLOW
+}
+
+/// Drops what is kept for a socket when it is closed. Most sockets have nothing kept,
+/// so a failed removal is the normal case.
 #[cgroup_sock(sock_release)]
 pub fn forget_released(ctx: SockContext) -> i32 {
     // SAFETY: the helper only reads the context's socket.
@@ -311,8 +355,13 @@ fn try_steer_inbound(ctx: &SkLookupContext) -> Result<u32, u32> {
         _ => return Ok(sk_action::SK_PASS),
     };
     // The pod's connection to itself, and the tunnel delivering to the application
-    // from the pod's own address: left to the regular lookup.
-    if local == remote {
+    // from the pod's own address: left to the regular lookup. So are peers the tunnel
+    // excludes (the node itself, for its health probes).
+    let excluded_peer = match remote.family {
+        AF_INET => excluded_v4(remote.words[0]),
+        _ => excluded_v6(remote.words),
+    };
+    if local == remote || excluded_peer {
         return Ok(sk_action::SK_PASS);
     }
     // An address the tunnel no longer serves (the pod is being released while this

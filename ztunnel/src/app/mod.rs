@@ -80,6 +80,7 @@ impl Tunnel {
             identity::Metrics::register(&mut registry),
         );
         let tls_metrics = tls::Metrics::register(&mut registry);
+        let redirect_metrics = redirect::Metrics::register(&mut registry);
         let mtls = Mtls::new(
             certs.clone(),
             trust,
@@ -138,6 +139,7 @@ impl Tunnel {
             mesh,
             certs,
             redirect: None,
+            redirect_metrics,
             pods: HashMap::new(),
         };
         tasks.push(tokio::spawn(node.run(state.clone(), enrolled)));
@@ -254,6 +256,7 @@ struct Node {
     mesh: StateMesh,
     certs: CertManager,
     redirect: Option<Arc<Redirect>>,
+    redirect_metrics: redirect::Metrics,
     pods: HashMap<String, Pod>,
 }
 
@@ -445,8 +448,10 @@ impl Node {
         }
         let mut config = redirect::Config::for_node(&self.settings.node);
         config.pin_root = self.settings.bpf_pin_root.join(&self.settings.node);
-        let redirect =
-            Arc::new(Redirect::load(&config).context("loading the eBPF steering programs")?);
+        let redirect = Arc::new(
+            Redirect::load(&config, self.redirect_metrics.clone())
+                .context("loading the eBPF steering programs")?,
+        );
         info!(pin_root = %config.pin_root.display(), "eBPF steering loaded");
         self.redirect = Some(redirect.clone());
         Ok(redirect)

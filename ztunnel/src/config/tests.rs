@@ -135,3 +135,29 @@ fn load_reports_a_missing_file() {
         "{err}"
     );
 }
+
+#[test]
+fn every_truncation_of_the_example_is_an_error_or_a_config_never_a_panic() {
+    let path = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/config.yaml"
+    ));
+    let text = std::fs::read_to_string(path).unwrap();
+    let full = parse(path, &text).expect("the example is valid");
+    assert_eq!(full.resources.workloads.len(), 9);
+    assert_eq!(full.resources.policies.len(), 5);
+    let mut rejected = 0;
+    for end in (0..text.len())
+        .step_by(7)
+        .filter(|&i| text.is_char_boundary(i))
+    {
+        if let Err(e) = parse(path, &text[..end]) {
+            assert!(
+                e.to_string().starts_with(&path.display().to_string()),
+                "{e}"
+            );
+            rejected += 1;
+        }
+    }
+    assert!(rejected > 0);
+}

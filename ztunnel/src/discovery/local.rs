@@ -18,6 +18,8 @@ use crate::state::State;
 /// Edits often arrive as several events (truncate, write, rename): wait this long for
 /// the burst to end before reading the file.
 const SETTLE: Duration = Duration::from_millis(100);
+/// How many more times an invalid file is read while it is still changing.
+const MAX_SETTLE_READS: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -136,19 +138,41 @@ impl Reloader {
             }
             tokio::time::sleep(SETTLE).await;
             while events.try_recv().is_ok() {}
-            self.reload();
+            self.reload().await;
         }
     }
 
-    fn reload(&mut self) {
-        let text = match std::fs::read_to_string(&self.path) {
+    fn read(&self) -> Result<String, config::Error> {
+        std::fs::read_to_string(&self.path).map_err(|source| config::Error::Read {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Parses the file; while it does not parse and is still changing (a write caught
+    /// halfway), reads it again after a settle period.
+    async fn parse_settled(&self, mut text: String) -> (String, Result<Config, config::Error>) {
+        let mut parsed = config::parse(&self.path, &text);
+        for _ in 0..MAX_SETTLE_READS {
+            if parsed.is_ok() {
+                break;
+            }
+            tokio::time::sleep(SETTLE).await;
+            match self.read() {
+                Ok(again) if again != text => text = again,
+                _ => break,
+            }
+            parsed = config::parse(&self.path, &text);
+        }
+        (text, parsed)
+    }
+
+    async fn reload(&mut self) {
+        let text = match self.read() {
             Ok(t) => t,
-            Err(source) => {
+            Err(e) => {
                 if !self.last.is_empty() {
-                    self.reject(&config::Error::Read {
-                        path: self.path.clone(),
-                        source,
-                    });
+                    self.reject(&e);
                     self.last.clear();
                 }
                 return;
@@ -157,8 +181,9 @@ impl Reloader {
         if text == self.last {
             return;
         }
-        self.last.clone_from(&text);
-        match config::parse(&self.path, &text) {
+        let (text, parsed) = self.parse_settled(text).await;
+        self.last = text;
+        match parsed {
             Ok(config)
                 if config.settings.node != self.settings.node
                     || config.settings.trust_domain != self.settings.trust_domain =>

@@ -5,7 +5,8 @@
 //! [`crate::state::State::publish`], once at start and again after each change. The
 //! data path never sees a source, only the snapshots. Sources:
 //! - [`local`]: the local config file, watched on disk;
-//! - Kubernetes (Pods, Namespaces, Services, EndpointSlices and the two Istio policy
-//!   resources) will feed the same `publish`.
+//! - [`kube`]: the Kubernetes API (Pods, Namespaces, Services, EndpointSlices and the two
+//!   Istio policy resources).
 
+pub mod kube;
 pub mod local;

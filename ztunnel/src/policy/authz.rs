@@ -166,16 +166,25 @@ struct Facts<'a> {
     namespace: Option<&'a str>,
     service_account: Option<&'a str>,
     conn: &'a Connection<'a>,
+    /// Whether a mismatch is explained in words; deciding alone needs no words, so the
+    /// words are only written for a denial that needs them.
+    explain: bool,
 }
 
 impl<'a> Facts<'a> {
-    fn new(conn: &'a Connection<'a>) -> Self {
+    fn new(conn: &'a Connection<'a>, explain: bool) -> Self {
         Facts {
             principal: conn.identity.map(|i| i.principal()),
             namespace: conn.identity.map(|i| i.namespace()),
             service_account: conn.identity.map(|i| i.service_account()),
             conn,
+            explain,
         }
+    }
+
+    /// Why something did not match: written out only when explaining.
+    fn why(&self, words: impl FnOnce() -> String) -> String {
+        if self.explain { words() } else { String::new() }
     }
 }
 
@@ -197,18 +206,21 @@ fn show(value: Option<&str>) -> &str {
 
 /// Checks one field: `Err` explains why it did not match.
 fn field<T: fmt::Display>(
+    facts: &Facts<'_>,
     name: &str,
     positive: &[T],
     negative: &[T],
-    actual: &str,
+    actual: &dyn fmt::Display,
     mut pred: impl FnMut(&T) -> bool,
 ) -> Result<(), String> {
     if !positive.is_empty() && !positive.iter().any(&mut pred) {
-        return Err(format!("{name} {} do not include {actual}", list(positive)));
+        return Err(facts.why(|| format!("{name} {} do not include {actual}", list(positive))));
     }
     if let Some(hit) = negative.iter().find(|v| pred(v)) {
-        let not = format!("not{}{}", name[..1].to_uppercase(), &name[1..]);
-        return Err(format!("{not} excludes {actual} (matches {hit})"));
+        return Err(facts.why(|| {
+            let not = format!("not{}{}", name[..1].to_uppercase(), &name[1..]);
+            format!("{not} excludes {actual} (matches {hit})")
+        }));
     }
     Ok(())
 }
@@ -221,6 +233,18 @@ impl fmt::Display for SaPair<'_> {
     }
 }
 
+/// The peer's `namespace/service account`, shown when a serviceAccounts field fails.
+struct PeerSa<'a>(Option<&'a str>, Option<&'a str>);
+
+impl fmt::Display for PeerSa<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.0, self.1) {
+            (Some(ns), Some(sa)) => write!(f, "{ns}/{sa}"),
+            _ => f.write_str(show(None)),
+        }
+    }
+}
+
 impl Match {
     pub fn is_empty(&self) -> bool {
         *self == Match::default()
@@ -230,52 +254,58 @@ impl Match {
         let conn = facts.conn;
         let principal = facts.principal.as_deref();
         field(
+            facts,
             "principals",
             &self.principals,
             &self.not_principals,
-            show(principal),
+            &show(principal),
             |m| m.matches(principal),
         )?;
         field(
+            facts,
             "namespaces",
             &self.namespaces,
             &self.not_namespaces,
-            show(facts.namespace),
+            &show(facts.namespace),
             |m| m.matches(facts.namespace),
         )?;
-        let sa = match (facts.namespace, facts.service_account) {
-            (Some(ns), Some(sa)) => Some(format!("{ns}/{sa}")),
-            _ => None,
-        };
-        let sas: Vec<SaPair<'_>> = self.service_accounts.iter().map(SaPair).collect();
-        let not_sas: Vec<SaPair<'_>> = self.not_service_accounts.iter().map(SaPair).collect();
+        if !self.service_accounts.is_empty() || !self.not_service_accounts.is_empty() {
+            let sas: Vec<SaPair<'_>> = self.service_accounts.iter().map(SaPair).collect();
+            let not_sas: Vec<SaPair<'_>> = self.not_service_accounts.iter().map(SaPair).collect();
+            field(
+                facts,
+                "serviceAccounts",
+                &sas,
+                &not_sas,
+                &PeerSa(facts.namespace, facts.service_account),
+                |p| {
+                    facts.namespace == Some(p.0.0.as_str()) && facts.service_account == Some(&p.0.1)
+                },
+            )?;
+        }
         field(
-            "serviceAccounts",
-            &sas,
-            &not_sas,
-            show(sa.as_deref()),
-            |p| facts.namespace == Some(p.0.0.as_str()) && facts.service_account == Some(&p.0.1),
-        )?;
-        field(
+            facts,
             "ipBlocks",
             &self.source_ips,
             &self.not_source_ips,
-            &conn.src_ip.to_string(),
+            &conn.src_ip,
             |n| n.contains(&conn.src_ip),
         )?;
         let dst_ip = conn.dst.ip();
         field(
+            facts,
             "destination ips",
             &self.destination_ips,
             &self.not_destination_ips,
-            &dst_ip.to_string(),
+            &dst_ip,
             |n| n.contains(&dst_ip),
         )?;
         field(
+            facts,
             "ports",
             &self.destination_ports,
             &self.not_destination_ports,
-            &conn.dst.port().to_string(),
+            &conn.dst.port(),
             |p| *p == conn.dst.port(),
         )
     }
@@ -288,20 +318,22 @@ impl Clause {
             match alt.check(facts) {
                 Ok(()) => return Ok(()),
                 Err(e) if self.alternatives.len() == 1 => why.push(e),
-                Err(e) => why.push(format!("[{i}]: {e}")),
+                Err(e) => why.push(facts.why(|| format!("[{i}]: {e}"))),
             }
         }
-        Err(format!("{}: {}", self.origin, why.join("; ")))
+        Err(facts.why(|| format!("{}: {}", self.origin, why.join("; "))))
     }
 }
 
 impl Rule {
     fn check(&self, facts: &Facts<'_>) -> Result<(), String> {
         if self.never_matches {
-            return Err(format!(
-                "uses L7 fields {} that cannot be checked at L4, so this ALLOW rule never matches",
-                list(&self.l7_fields)
-            ));
+            return Err(facts.why(|| {
+                format!(
+                    "uses L7 fields {} that cannot be checked at L4, so this ALLOW rule never matches",
+                    list(&self.l7_fields)
+                )
+            }));
         }
         self.clauses.iter().try_for_each(|c| c.check(facts))
     }
@@ -328,13 +360,14 @@ impl AuthorizationPolicy {
     /// The index of the first matching rule, or why none matched.
     fn first_match(&self, facts: &Facts<'_>) -> Result<usize, String> {
         if self.rules.is_empty() {
-            return Err("the policy has no rules, so it matches nothing".to_string());
+            return Err(facts.why(|| "the policy has no rules, so it matches nothing".to_string()));
         }
         let mut why = Vec::new();
         for (i, rule) in self.rules.iter().enumerate() {
             match rule.check(facts) {
                 Ok(()) => return Ok(i),
-                Err(e) => why.push(format!("rule {i}: {e}")),
+                Err(e) if facts.explain => why.push(format!("rule {i}: {e}")),
+                Err(_) => {}
             }
         }
         Err(why.join("; "))
@@ -371,7 +404,7 @@ pub fn authorize<P: Borrow<AuthorizationPolicy>>(
     policies: &[P],
     conn: &Connection<'_>,
 ) -> Decision {
-    let facts = Facts::new(conn);
+    let facts = Facts::new(conn, false);
     let mut audit = Vec::new();
     let mut dry_run = Vec::new();
     for p in policies.iter().map(Borrow::borrow) {
@@ -418,32 +451,36 @@ pub fn authorize<P: Borrow<AuthorizationPolicy>>(
             );
         }
     }
-    let allows: Vec<&AuthorizationPolicy> =
-        enforced().filter(|p| p.action == Action::Allow).collect();
-    if allows.is_empty() {
+    let is_allow = |p: &&AuthorizationPolicy| p.action == Action::Allow;
+    let Some(first_allow) = enforced().find(is_allow) else {
         return decision(
             true,
             None,
             "no ALLOW policy selects the workload and no DENY policy matched".to_string(),
         );
-    }
-    let mut why = Vec::new();
-    for p in &allows {
-        match p.first_match(&facts) {
-            Ok(rule) => {
-                return decision(
-                    true,
-                    Some(&p.reference),
-                    format!("ALLOW policy {} rule {rule} matched", p.reference),
-                );
-            }
-            Err(e) => why.push(format!("{}: {e}", p.reference)),
+    };
+    for p in enforced().filter(is_allow) {
+        if let Ok(rule) = p.first_match(&facts) {
+            return decision(
+                true,
+                Some(&p.reference),
+                format!("ALLOW policy {} rule {rule} matched", p.reference),
+            );
         }
     }
-    // Reported as deciding: the first ALLOW policy (config order) that did not match.
+    // Denied: now say why each ALLOW policy did not match.
+    let explain = Facts::new(conn, true);
+    let why: Vec<String> = enforced()
+        .filter(is_allow)
+        .map(|p| {
+            let e = p.first_match(&explain).err().unwrap_or_default();
+            format!("{}: {e}", p.reference)
+        })
+        .collect();
+    // Reported as deciding: the first ALLOW policy (config order).
     decision(
         false,
-        Some(&allows[0].reference),
+        Some(&first_allow.reference),
         format!(
             "ALLOW policies select the workload but none matched ({})",
             why.join(" | ")

@@ -604,6 +604,37 @@ spec:
     - source: {ipBlocks: ["10.5.0.0/16"]}
 "#;
 
+const REQUIRE_IDENTITY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: require-mtls, namespace: finance}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {notPrincipals: ["*"]}
+"#;
+
+const IPV6_AND_PORT_ALTERNATIVES: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: v6, namespace: finance}
+spec:
+  rules:
+  - from:
+    - source: {ipBlocks: ["fd00:10::/32"]}
+    to:
+    - operation: {ports: ["80"]}
+    - operation: {ports: ["443"]}
+"#;
+
+const NS_DISABLE: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: off, namespace: finance}
+spec: {mtls: {mode: DISABLE}}
+"#;
+
 struct AuthzCase {
     name: &'static str,
     policies: &'static [&'static str],
@@ -1235,6 +1266,66 @@ fn authorization_decisions() {
             policy: None,
             reason: "no ALLOW policy",
         },
+        AuthzCase {
+            name: "DENY notPrincipals [*] refuses a plaintext peer",
+            policies: &[REQUIRE_IDENTITY],
+            ns: "finance",
+            labels: pay,
+            from: None,
+            src_ip: "10.0.3.1",
+            dst: "10.0.1.10:9090",
+            allowed: false,
+            policy: Some("finance/require-mtls"),
+            reason: "DENY policy finance/require-mtls rule 0 matched",
+        },
+        AuthzCase {
+            name: "DENY notPrincipals [*] lets any identity through",
+            policies: &[REQUIRE_IDENTITY],
+            ns: "finance",
+            labels: pay,
+            from: Some("shop/web"),
+            src_ip: "10.0.2.6",
+            dst: "10.0.1.10:9090",
+            allowed: true,
+            policy: None,
+            reason: "no ALLOW policy",
+        },
+        AuthzCase {
+            name: "IPv6 ipBlocks and the second of two operations match",
+            policies: &[IPV6_AND_PORT_ALTERNATIVES],
+            ns: "finance",
+            labels: pay,
+            from: None,
+            src_ip: "fd00:10::7",
+            dst: "[fd00:20::10]:443",
+            allowed: true,
+            policy: Some("finance/v6"),
+            reason: "rule 0 matched",
+        },
+        AuthzCase {
+            name: "no operation lists the port",
+            policies: &[IPV6_AND_PORT_ALTERNATIVES],
+            ns: "finance",
+            labels: pay,
+            from: None,
+            src_ip: "fd00:10::7",
+            dst: "[fd00:20::10]:8443",
+            allowed: false,
+            policy: Some("finance/v6"),
+            reason: "to: [0]: ports [80] do not include 8443; [1]: ports [443] do not include 8443",
+        },
+        AuthzCase {
+            name: "DISABLE accepts plaintext",
+            policies: &[NS_DISABLE],
+            ns: "finance",
+            labels: pay,
+            from: None,
+            src_ip: "10.0.3.1",
+            dst: "10.0.1.10:9090",
+            allowed: true,
+            policy: None,
+            reason: "no ALLOW policy",
+        },
     ];
     assert!(cases.len() >= 40);
     for case in cases {
@@ -1388,4 +1479,55 @@ fn yaml_level_errors_carry_the_location() {
         );
         assert_eq!(err.location().map(|l| l.line()), Some(line), "{err}");
     }
+}
+
+#[test]
+fn the_cluster_example_policies_compile_unchanged() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/policies.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let policies = compile_all(&text);
+    let names: Vec<String> = policies.iter().map(|p| p.reference().to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "shop/default",
+            "finance/default",
+            "finance/payments-strict",
+            "finance/orders-to-payments",
+            "finance/deny-inventory"
+        ]
+    );
+    let pay = labels(&[("app", "payments")]);
+    let orders = Identity::new("cluster.local", "shop", "orders").unwrap();
+    let inventory = Identity::new("cluster.local", "warehouse", "inventory").unwrap();
+    let ok = decide(
+        &policies,
+        "finance",
+        &pay,
+        Some(&orders),
+        "10.0.2.4",
+        "10.0.1.10:9090",
+    );
+    assert!(ok.allowed, "{ok:?}");
+    let d = decide(
+        &policies,
+        "finance",
+        &pay,
+        Some(&inventory),
+        "10.0.2.5",
+        "10.0.1.10:9090",
+    );
+    assert_eq!(d.policy.unwrap().to_string(), "finance/deny-inventory");
+    let plain = decide(
+        &policies,
+        "shop",
+        &Labels::new(),
+        None,
+        "10.0.3.1",
+        "10.0.2.4:8080",
+    );
+    assert_eq!(plain.policy.unwrap().to_string(), "shop/default");
 }

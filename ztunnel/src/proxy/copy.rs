@@ -239,7 +239,16 @@ fn shutdown_write(tcp: &TcpStream) {
 }
 
 /// Makes dropping `tcp` send RST instead of FIN, so the application sees a failed
-/// connection rather than a clean end of data.
+/// connection rather than a clean end of data. The proxy arms this before copying, so
+/// any way a connection ends early (an error, a drain past its grace period) resets it,
+/// and disarms it with `close_gracefully` once both directions ended cleanly.
 pub fn reset_on_close(tcp: &TcpStream) {
+    // Fails only on a dead socket, which has nothing left to close.
     let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// Undoes `reset_on_close`: dropping `tcp` closes it normally.
+pub fn close_gracefully(tcp: &TcpStream) {
+    // Fails only on a dead socket, which has nothing left to close.
+    let _ = socket2::SockRef::from(tcp).set_linger(None);
 }

@@ -8,7 +8,7 @@ use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 
-use super::copy::{self, reset_on_close};
+use super::copy::{self, close_gracefully, reset_on_close};
 use super::metrics::{ConnectionRecord, Endpoints, RefusedReason, Reporter, SecurityPolicy};
 use super::{Error, LocalWorkload, Proxy, TUNNEL_PORTS, Verdict};
 use crate::hbone::{self, Incoming};
@@ -172,6 +172,7 @@ impl Proxy {
             SecurityPolicy::MutualTls,
             endpoints,
         );
+        reset_on_close(&upstream);
         let result = match incoming.accept() {
             Ok(stream) => {
                 let copy = copy::tcp_h2(&upstream, stream, &record.sent, &record.received);
@@ -182,8 +183,8 @@ impl Proxy {
             }
             Err(e) => Err(e.into()),
         };
-        if result.is_err() {
-            reset_on_close(&upstream);
+        if result.is_ok() {
+            close_gracefully(&upstream);
         }
         record.close(result.map_err(|e| e.to_string()));
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::info;
 
-use super::copy::{self, reset_on_close};
+use super::copy::{self, close_gracefully, reset_on_close};
 use super::metrics::{ConnectionRecord, Endpoints, RefusedReason, Reporter, SecurityPolicy};
 use super::{Error, Proxy, Verdict};
 
@@ -102,14 +102,16 @@ impl Proxy {
                 traceparent: None,
             },
         );
+        reset_on_close(&tcp);
+        reset_on_close(&upstream);
         let copy = copy::tcp_tcp(&tcp, &upstream, &record.received, &record.sent);
         let result = tokio::select! {
             result = copy => result.map_err(Error::from),
             denied = self.revoked(client.ip(), None, destination) => Err(denied),
         };
-        if result.is_err() {
-            reset_on_close(&tcp);
-            reset_on_close(&upstream);
+        if result.is_ok() {
+            close_gracefully(&tcp);
+            close_gracefully(&upstream);
         }
         record.close(result.map_err(|e| e.to_string()));
     }

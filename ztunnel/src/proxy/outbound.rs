@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::info;
 
-use super::copy::{self, reset_on_close};
+use super::copy::{self, close_gracefully, reset_on_close};
 use super::metrics::{ConnectionRecord, Endpoints, RefusedReason, Reporter, SecurityPolicy};
 use super::{Error, LocalWorkload, Proxy, Route};
 use crate::hbone::{ConnectHeaders, H2Stream, PoolKey};
@@ -146,24 +146,27 @@ impl Outbound<'_> {
         self.upstream.as_ref().map(|_| ())
     }
 
-    /// Copies between the application and the upstream, then closes and logs. A
-    /// failure resets the application's connection.
+    /// Copies between the application and the upstream, then closes and logs. Any
+    /// early end (an error, a forced drain) resets both connections.
     pub(super) async fn run(self, tcp: &TcpStream) {
         let Outbound { record, upstream } = self;
+        reset_on_close(tcp);
         let result = match upstream {
             Ok(Upstream::Hbone(stream)) => {
                 copy::tcp_h2(tcp, stream, &record.received, &record.sent).await
             }
             Ok(Upstream::Tcp(upstream)) => {
-                copy::tcp_tcp(tcp, &upstream, &record.received, &record.sent).await
+                reset_on_close(&upstream);
+                let result = copy::tcp_tcp(tcp, &upstream, &record.received, &record.sent).await;
+                if result.is_ok() {
+                    close_gracefully(&upstream);
+                }
+                result
             }
-            Err(e) => {
-                reset_on_close(tcp);
-                return record.close(Err(e.to_string()));
-            }
+            Err(e) => return record.close(Err(e.to_string())),
         };
-        if result.is_err() {
-            reset_on_close(tcp);
+        if result.is_ok() {
+            close_gracefully(tcp);
         }
         record.close(result.map_err(|e| e.to_string()));
     }

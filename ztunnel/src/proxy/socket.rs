@@ -5,6 +5,8 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
+use nix::sys::socket::setsockopt;
+use nix::sys::socket::sockopt::IpBindAddressNoPort;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -51,7 +53,10 @@ impl Sockets {
         let socket = self.socket(destination)?;
         let socket = TcpSocket::from_std_stream(socket.into());
         if let Some(ip) = source {
-            socket.set_reuseaddr(true)?;
+            // The port is picked at connect time, unique per 4-tuple: without this,
+            // bind() reserves a port of its own and, with many connections in
+            // TIME_WAIT, searches for one on every connect.
+            setsockopt(&socket, IpBindAddressNoPort, &true)?;
             socket.bind(SocketAddr::new(ip, 0))?;
         }
         let tcp = socket.connect(destination).await?;

@@ -6,9 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::info;
+use tracing::{debug, info};
 
-use super::copy::reset_on_close;
 use super::metrics::RefusedReason;
 use super::{Error, Proxy};
 
@@ -73,8 +72,9 @@ impl Proxy {
             Err(Error::Refused { .. }) => Reply::NotAllowed,
             Err(_) => Reply::HostUnreachable,
         };
-        if send_reply(&mut tcp, reply).await.is_err() {
-            reset_on_close(&tcp);
+        if let Err(e) = send_reply(&mut tcp, reply).await {
+            // The copy below fails at once and logs the connection.
+            debug!(%client, error = %e, "SOCKS5 client gone before the reply");
         }
         outbound.run(&tcp).await;
     }

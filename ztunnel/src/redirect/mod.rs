@@ -1,8 +1,8 @@
 //! Steering of enrolled pods' TCP into the tunnel, with the eBPF programs of `ebpf/`.
 //!
-//! [`Redirect::load`] loads the programs once per node, attaches the connect, `sock_ops`
-//! and `sock_release` programs to the cgroup v2 root (multi-program mode, beside a CNI's
-//! own), and pins maps and attachments under the node's pin root, so steering outlives a
+//! [`Redirect::load`] loads the programs once per node, attaches the connect,
+//! getpeername, `sock_ops` and `sock_release` programs to the cgroup v2 root (beside
+//! other programs there, a CNI's say), and pins maps and attachments under the node's pin root, so steering outlives a
 //! tunnel restart and fails closed while the tunnel is away: steered connects find no
 //! capture listener and are refused, inbound SYNs find no listener in the socket map and
 //! are dropped. A restarted tunnel reuses the pinned maps and swaps in its own
@@ -17,7 +17,10 @@
 
 mod cgroup;
 mod logs;
+mod metrics;
 mod pin;
+
+pub use metrics::{Metrics, Operation};
 
 use std::collections::HashMap as StdHashMap;
 use std::fs::File;
@@ -60,10 +63,11 @@ pub struct Config {
     /// The cgroup v2 directory the connect programs attach to; `None` finds the v2 root
     /// from the mount table.
     pub cgroup: Option<PathBuf>,
-    /// Destination ports never steered.
+    /// Outbound destination ports never steered.
     pub excluded_ports: Vec<u16>,
-    /// Destination prefixes never steered.
-    pub excluded_destinations: Vec<IpNet>,
+    /// Peers never steered, either way: pods' connects to them and SYNs from them go
+    /// direct. The node's own addresses belong here, so kubelet probes reach pods.
+    pub excluded_peers: Vec<IpNet>,
 }
 
 impl Config {
@@ -74,7 +78,7 @@ impl Config {
             pin_root: Path::new(DEFAULT_PIN_ROOT).join(node),
             cgroup: None,
             excluded_ports: Vec::new(),
-            excluded_destinations: Vec::new(),
+            excluded_peers: Vec::new(),
         }
     }
 }
@@ -113,40 +117,40 @@ pub enum Error {
     MountBpffs { path: PathBuf, source: nix::Error },
     #[error("pin directory {path}: {source}")]
     PinDir { path: PathBuf, source: io::Error },
-    #[error("cannot pin at {path}: {source}")]
+    #[error("cannot pin at {path}: {}", chain(.source))]
     Pin { path: PathBuf, source: PinError },
     #[error("cannot unpin {path}: {source}")]
     Unpin { path: PathBuf, source: io::Error },
-    #[error("cannot read the link to pin in {path}: {source}")]
+    #[error("cannot read the link to pin in {path}: {}", chain(.source))]
     LinkInfo { path: PathBuf, source: LinkError },
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
     #[error("no cgroup v2 file system in /proc/self/mountinfo")]
     NoCgroup2,
-    #[error("cannot open the eBPF object: {0}")]
+    #[error("cannot open the eBPF object: {}", chain(.0))]
     Object(#[source] aya::EbpfError),
     #[error("the eBPF object has no program {0}")]
     MissingProgram(&'static str),
     #[error("the eBPF object has no map {0}")]
     MissingMap(&'static str),
     /// The kernel refused a program; the message carries the verifier's log.
-    #[error("cannot load program {name}: {source}")]
+    #[error("cannot load program {name}: {}", chain(.source))]
     LoadProgram {
         name: &'static str,
         source: ProgramError,
     },
-    #[error("cannot attach program {name} to {target}: {source}")]
+    #[error("cannot attach program {name} to {target}: {}", chain(.source))]
     Attach {
         name: &'static str,
         target: PathBuf,
         source: ProgramError,
     },
-    #[error("program {name}: its link cannot be pinned: {source}")]
+    #[error("program {name}: its link cannot be pinned: {}", chain(.source))]
     Link {
         name: &'static str,
         source: LinkError,
     },
-    #[error("map {map}: {source}")]
+    #[error("map {map}: {}", chain(.source))]
     Map { map: &'static str, source: MapError },
     #[error("cannot forward the eBPF programs' logs: {0}")]
     Logs(String),
@@ -164,9 +168,26 @@ pub enum Error {
     Netns(#[from] netns::Error),
 }
 
+/// An aya error with its causes: aya's messages often leave the system error (the
+/// errno) to their source.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(err) = cause {
+        let message = err.to_string();
+        if !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        cause = err.source();
+    }
+    text
+}
+
 /// The programs loaded on this node, and the pods enrolled by this process.
 pub struct Redirect {
     paths: PinPaths,
+    metrics: Metrics,
     state: Mutex<State>,
     /// Apart from `state`: looked up on every accepted outbound connection.
     destinations: Mutex<HashMap<MapData, ConnectionKey, SockAddr>>,
@@ -187,10 +208,12 @@ struct Registration {
     ips: Vec<IpAddr>,
 }
 
-/// The programs on the cgroup root and how each attaches.
-const CGROUP_PROGRAMS: [&str; 4] = [
+/// The programs attached to the cgroup root.
+const CGROUP_PROGRAMS: [&str; 6] = [
     programs::CONNECT4,
     programs::CONNECT6,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
     programs::SOCK_OPS,
     programs::SOCK_RELEASE,
 ];
@@ -199,7 +222,7 @@ impl Redirect {
     /// Loads the programs, reusing this node's pinned maps, attaches the cgroup ones
     /// (replacing a previous tunnel's attachments without a gap), applies the
     /// exclusions, and forwards the programs' logs to `tracing`.
-    pub fn load(config: &Config) -> Result<Redirect, Error> {
+    pub fn load(config: &Config, metrics: Metrics) -> Result<Redirect, Error> {
         let paths = PinPaths::prepare(&config.pin_root)?;
         let cgroup_dir = match &config.cgroup {
             Some(dir) => dir.clone(),
@@ -220,6 +243,7 @@ impl Redirect {
             let link = attach_to_cgroup(&mut ebpf, name, &cgroup, &cgroup_dir)?;
             pin::replace_link(&paths.cgroup_links(), &format!("{name}-"), link)?;
         }
+        paths.remove_other_map_layouts()?;
         sk_lookup(&mut ebpf)?
             .load()
             .map_err(|source| Error::LoadProgram {
@@ -239,6 +263,7 @@ impl Redirect {
         );
         Ok(Redirect {
             paths,
+            metrics,
             state: Mutex::new(State {
                 ebpf,
                 enrolled,
@@ -255,7 +280,17 @@ impl Redirect {
     /// tunnel's mark), hands the inbound plaintext listeners to `sk_lookup`, registers
     /// the namespace for the connect programs, and attaches `sk_lookup` to it (replacing
     /// an attachment pinned by a previous tunnel). Runs inside a tokio runtime.
+    ///
+    /// If the listeners cannot be opened nothing changes. If a later step fails, the
+    /// pod counts as enrolled and fails closed (steered, with no listener) until
+    /// [`Redirect::release`]; enrol it again after that.
     pub fn enrol(&self, pod: &PodNetwork) -> Result<PodListeners, Error> {
+        let result = self.try_enrol(pod);
+        self.metrics.count(Operation::enrol, &result);
+        result
+    }
+
+    fn try_enrol(&self, pod: &PodNetwork) -> Result<PodListeners, Error> {
         let registered = registered_pod(pod)?;
         let netns = Netns::open(&pod.netns)?;
         let netns_cookie = netns.cookie()?;
@@ -284,7 +319,40 @@ impl Redirect {
             hbone.push(netns.listen(SocketAddr::new(*ip, HBONE_PORT), TUNNEL_MARK)?);
         }
 
-        for (ip, listener) in pod.ips.iter().zip(&inbound) {
+        // Known from here on, so that `release` undoes whatever part of the registration
+        // below succeeds.
+        state.pods.insert(
+            pod.uid.clone(),
+            Registration {
+                netns_cookie,
+                ips: pod.ips.clone(),
+            },
+        );
+        self.metrics.set_enrolled(state.pods.len());
+        self.register(&mut state, pod, &netns, netns_cookie, registered, &inbound)?;
+        tracing::info!(uid = %pod.uid, netns = %pod.netns.display(), netns_cookie, "pod enrolled");
+        Ok(PodListeners {
+            netns,
+            netns_cookie,
+            outbound,
+            inbound,
+            hbone,
+        })
+    }
+
+    /// Hands the inbound listeners to `sk_lookup`, registers the pod's addresses and
+    /// namespace, and attaches `sk_lookup` to the namespace. Each step keeps the pod
+    /// failing closed if a later one fails: steered with no listener.
+    fn register(
+        &self,
+        state: &mut State,
+        pod: &PodNetwork,
+        netns: &Netns,
+        netns_cookie: u64,
+        registered: EnrolledPod,
+        inbound: &[TcpListener],
+    ) -> Result<(), Error> {
+        for (ip, listener) in pod.ips.iter().zip(inbound) {
             state
                 .inbound
                 .insert(address(*ip), listener.as_raw_fd(), 0)
@@ -298,33 +366,25 @@ impl Redirect {
             .enrolled
             .insert(netns_cookie, registered, 0)
             .map_err(map_error(maps::ENROLLED))?;
-        let link = attach_to_netns(&mut state.ebpf, &pod.netns)?;
-        pin::replace_link(&self.paths.netns_links(netns_cookie), "", link)?;
-        state.pods.insert(
-            pod.uid.clone(),
-            Registration {
-                netns_cookie,
-                ips: pod.ips.clone(),
-            },
-        );
-        tracing::info!(uid = %pod.uid, netns = %pod.netns.display(), netns_cookie, "pod enrolled");
-        Ok(PodListeners {
-            netns,
-            netns_cookie,
-            outbound,
-            inbound,
-            hbone,
-        })
+        let link = attach_to_netns(&mut state.ebpf, netns)?;
+        pin::replace_link(&self.paths.netns_links(netns_cookie), "", link)
     }
 
     /// Releases a pod enrolled by this tunnel: detaches `sk_lookup` from its namespace
     /// and unregisters it, so its traffic flows directly again. The caller drops the
     /// pod's [`PodListeners`].
     pub fn release(&self, uid: &str) -> Result<(), Error> {
+        let result = self.try_release(uid);
+        self.metrics.count(Operation::release, &result);
+        result
+    }
+
+    fn try_release(&self, uid: &str) -> Result<(), Error> {
         let mut state = self.lock();
         let registration = state.pods.remove(uid).ok_or_else(|| Error::NotEnrolled {
             uid: uid.to_string(),
         })?;
+        self.metrics.set_enrolled(state.pods.len());
         self.forget(&mut state, registration.netns_cookie)?;
         for ip in registration.ips {
             ignore_missing(state.inbound.remove(&address(ip)), maps::INBOUND_LISTENERS)?;
@@ -341,6 +401,12 @@ impl Redirect {
     /// pods (left by a previous tunnel for pods gone since). Returns their cookies.
     /// Live pods keep their pinned steering until [`Redirect::enrol`] renews it.
     pub fn reconcile(&self, live: &[PodNetwork]) -> Result<Vec<u64>, Error> {
+        let result = self.try_reconcile(live);
+        self.metrics.count(Operation::reconcile, &result);
+        result
+    }
+
+    fn try_reconcile(&self, live: &[PodNetwork]) -> Result<Vec<u64>, Error> {
         let mut live_cookies = Vec::with_capacity(live.len());
         for pod in live {
             match Netns::open(&pod.netns).and_then(|netns| netns.cookie()) {
@@ -361,6 +427,7 @@ impl Redirect {
         state
             .pods
             .retain(|_, registration| !stale.contains(&registration.netns_cookie));
+        self.metrics.set_enrolled(state.pods.len());
         if !stale.is_empty() {
             tracing::info!(released = ?stale, "stale network namespaces released");
         }
@@ -372,6 +439,19 @@ impl Redirect {
     /// each connection is looked up once. `None` when nothing was recorded (the
     /// connection was not steered, or came and went before the look-up).
     pub fn original_destination(
+        &self,
+        netns_cookie: u64,
+        peer_port: u16,
+    ) -> Result<Option<SocketAddr>, Error> {
+        let result = self.try_original_destination(netns_cookie, peer_port);
+        self.metrics.count(Operation::original_destination, &result);
+        if matches!(result, Ok(None)) {
+            self.metrics.missing_destination();
+        }
+        result
+    }
+
+    fn try_original_destination(
         &self,
         netns_cookie: u64,
         peer_port: u16,
@@ -549,7 +629,7 @@ fn apply_exclusions(ebpf: &mut Ebpf, config: &Config) -> Result<(), Error> {
     let mut v6: LpmTrie<_, [u8; 16], u8> = take_map(ebpf, maps::EXCLUDED_V6)?;
     clear_trie(&mut v4, maps::EXCLUDED_V4)?;
     clear_trie(&mut v6, maps::EXCLUDED_V6)?;
-    for net in &config.excluded_destinations {
+    for net in &config.excluded_peers {
         let prefix_len = u32::from(net.prefix_len());
         match net {
             IpNet::V4(net) => v4
@@ -620,19 +700,15 @@ fn sk_lookup(ebpf: &mut Ebpf) -> Result<&mut SkLookup, Error> {
         .map_err(|source| Error::LoadProgram { name, source })
 }
 
-fn attach_to_netns(ebpf: &mut Ebpf, netns: &Path) -> Result<FdLink, Error> {
+fn attach_to_netns(ebpf: &mut Ebpf, netns: &Netns) -> Result<FdLink, Error> {
     let name = programs::SK_LOOKUP;
     let attach_error = |source| Error::Attach {
         name,
-        target: netns.to_path_buf(),
+        target: netns.path().to_path_buf(),
         source,
     };
-    let file = File::open(netns).map_err(|source| Error::Read {
-        path: netns.to_path_buf(),
-        source,
-    })?;
     let program = sk_lookup(ebpf)?;
-    let id = program.attach(&file).map_err(attach_error)?;
+    let id = program.attach(netns).map_err(attach_error)?;
     let link = program.take_link(id).map_err(attach_error)?;
     Ok(link.into())
 }
@@ -640,6 +716,43 @@ fn attach_to_netns(ebpf: &mut Ebpf, netns: &Path) -> Result<FdLink, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_carry_the_system_error() {
+        let err = Error::Attach {
+            name: programs::CONNECT4,
+            target: "/sys/fs/cgroup".into(),
+            source: ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_link_create",
+                io_error: io::Error::from_raw_os_error(22),
+            }),
+        };
+        let text = err.to_string();
+        assert!(text.contains("bpf_link_create"), "{text}");
+        assert!(text.contains("Invalid argument"), "{text}");
+    }
+
+    #[test]
+    fn a_refused_program_shows_the_verifier_log() {
+        let err = Error::LoadProgram {
+            name: programs::SK_LOOKUP,
+            source: ProgramError::LoadError {
+                io_error: io::Error::from_raw_os_error(13),
+                verifier_log: aya_obj::VerifierLog::new(
+                    "37: (61) r4 = *(u32 *)(r2 +0)\ndereference of modified ctx ptr".into(),
+                ),
+            },
+        };
+        let text = err.to_string();
+        assert!(text.contains("steer_inbound"), "{text}");
+        assert!(text.contains("dereference of modified ctx ptr"), "{text}");
+    }
+
+    #[test]
+    fn redirect_is_shared_between_tasks() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Redirect>();
+    }
 
     #[test]
     fn addresses_round_trip_through_the_kernel_layout() {

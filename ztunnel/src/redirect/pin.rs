@@ -53,6 +53,25 @@ impl PinPaths {
         self.root.join(format!("maps-v{MAP_LAYOUT_VERSION}"))
     }
 
+    /// Unpins maps of other layout versions, left by an older tunnel. Programs still
+    /// attached with them keep them alive until their links are replaced.
+    pub(super) fn remove_other_map_layouts(&self) -> Result<(), Error> {
+        let current = self.maps();
+        let entries = fs::read_dir(&self.root).map_err(|source| Error::PinDir {
+            path: self.root.clone(),
+            source,
+        })?;
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            let is_maps = entry.file_name().to_string_lossy().starts_with("maps-v");
+            if is_maps && path != current {
+                tracing::info!(path = %path.display(), "unpinning maps of another layout");
+                remove_dir(&path)?;
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn cgroup_links(&self) -> PathBuf {
         self.root.join("links").join("cgroup")
     }
@@ -192,4 +211,19 @@ fn ensure_bpffs(root: &Path) -> Result<(), Error> {
 
 fn is_bpffs(path: &Path) -> bool {
     statfs(path).is_ok_and(|fs| fs.filesystem_type() == BPF_FS_MAGIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pin_root_off_bpffs_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("node-a");
+        let err = PinPaths::prepare(&root).unwrap_err();
+        assert!(matches!(err, Error::NotBpffs { .. }), "{err}");
+        assert!(err.to_string().contains("node-a"), "{err}");
+        assert!(!root.exists());
+    }
 }

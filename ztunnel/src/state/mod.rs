@@ -6,18 +6,18 @@
 //! [`Resources`] and hands it to [`State::publish`]; consumers call [`State::load`] for
 //! the current snapshot and [`State::subscribe`] to learn that it changed.
 //!
-//! Re-checking open connections after a change: the proxy keeps, for each open inbound
-//! connection, an [`OpenConnection`] and a way to close it. On each change of
-//! [`State::subscribe`] it loads the new snapshot and calls [`Snapshot::revalidate`] with
-//! its open connections; every connection returned is now denied, and the proxy closes
-//! it and logs the [`Decision`] (which names the policy that closed it).
+//! Re-checking open connections after a change: for each open inbound connection the
+//! proxy waits on [`State::subscribe`]; on a change it asks [`Snapshot::authorize`]
+//! again with the same source address, identity and destination, and closes the
+//! connection when the [`Decision`] now denies it, logging the deciding policy.
+//! [`Snapshot::decide`] is the same question without logging, for tools.
 
 mod workload;
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -94,16 +94,6 @@ pub struct Upstream {
     /// `namespace/name` of the service, when the destination was a service VIP.
     pub service: Option<String>,
     pub transport: Transport,
-}
-
-/// What the proxy remembers about an open inbound connection to re-check it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OpenConnection {
-    pub src_ip: IpAddr,
-    /// The peer's identity when it came over HBONE; `None` for plaintext.
-    pub identity: Option<Identity>,
-    /// The local workload address and target port it was delivered to.
-    pub dst: SocketAddr,
 }
 
 /// One immutable view of workloads, services and policies, with indexes.
@@ -261,6 +251,15 @@ impl Snapshot {
         self.workloads
             .iter()
             .filter(|w| w.node == self.resources.node)
+    }
+
+    /// The identities of the meshed workloads on this node: the certificates this
+    /// tunnel must hold.
+    pub fn local_identities(&self) -> BTreeSet<&Identity> {
+        self.local_workloads()
+            .filter(|w| w.meshed)
+            .map(|w| &w.identity)
+            .collect()
     }
 
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
@@ -473,20 +472,6 @@ impl Snapshot {
             );
         }
         d
-    }
-
-    /// The connections among `open` that this snapshot denies, with the decision that
-    /// denies each. Pure.
-    pub fn revalidate<'a, K>(
-        &self,
-        open: impl IntoIterator<Item = (K, &'a OpenConnection)>,
-    ) -> Vec<(K, Decision)> {
-        open.into_iter()
-            .filter_map(|(key, c)| {
-                let d = self.decide(c.src_ip, c.identity.as_ref(), c.dst);
-                (!d.allowed).then_some((key, d))
-            })
-            .collect()
     }
 
     /// Everything in this snapshot as JSON, for `/config_dump`: workloads, services,

@@ -151,6 +151,14 @@ fn indexes_find_workloads() {
     assert_eq!(svc.key(), "finance/payments");
     assert_eq!(eps.len(), 3);
     assert_eq!(s.local_workloads().count(), 2);
+    let local: Vec<String> = s.local_identities().iter().map(|i| i.to_string()).collect();
+    assert_eq!(
+        local,
+        [
+            "spiffe://cluster.local/ns/finance/sa/payments",
+            "spiffe://cluster.local/ns/prod/sa/orders"
+        ]
+    );
 }
 
 #[test]
@@ -224,40 +232,21 @@ fn inbound_modes_and_authorization() {
 }
 
 #[test]
-fn revalidate_returns_connections_a_new_policy_denies() {
+fn a_new_policy_denies_what_the_old_snapshot_allowed() {
     let before = Snapshot::new(1, resources(""));
-    let orders = Identity::new("cluster.local", "prod", "orders").unwrap();
-    let inventory = Identity::new("cluster.local", "prod", "inventory").unwrap();
-    let open = [
-        OpenConnection {
-            src_ip: "10.0.2.4".parse().unwrap(),
-            identity: Some(orders),
-            dst: sa("10.0.1.10:9090"),
-        },
-        OpenConnection {
-            src_ip: "10.0.2.5".parse().unwrap(),
-            identity: Some(inventory),
-            dst: sa("10.0.1.10:9090"),
-        },
-        OpenConnection {
-            src_ip: "10.0.3.1".parse().unwrap(),
-            identity: None,
-            dst: sa("10.0.1.10:9090"),
-        },
-    ];
-    assert!(before.revalidate(open.iter().enumerate()).is_empty());
     let after = snapshot();
-    let denied = after.revalidate(open.iter().enumerate());
-    let keys: Vec<usize> = denied.iter().map(|(k, _)| *k).collect();
-    assert_eq!(keys, [1, 2]);
-    assert_eq!(
-        denied[0].1.policy.as_ref().unwrap().to_string(),
-        "finance/only-orders"
-    );
-    assert_eq!(
-        denied[1].1.policy.as_ref().unwrap().to_string(),
-        "finance/strict"
-    );
+    let inventory = Identity::new("cluster.local", "prod", "inventory").unwrap();
+    let orders = Identity::new("cluster.local", "prod", "orders").unwrap();
+    let src = "10.0.2.5".parse().unwrap();
+    let dst = sa("10.0.1.10:9090");
+    assert!(before.decide(src, Some(&inventory), dst).allowed);
+    assert!(before.decide(src, None, dst).allowed);
+    let d = after.decide(src, Some(&inventory), dst);
+    assert!(!d.allowed);
+    assert_eq!(d.policy.unwrap().to_string(), "finance/only-orders");
+    let d = after.decide(src, None, dst);
+    assert_eq!(d.policy.unwrap().to_string(), "finance/strict");
+    assert!(after.decide(src, Some(&orders), dst).allowed);
 }
 
 #[tokio::test]

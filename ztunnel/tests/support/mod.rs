@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nix::sys::socket::sockopt::IpBindAddressNoPort;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -359,6 +360,8 @@ pub async fn socks5_connect(
     destination: SocketAddr,
 ) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
+    // Port chosen at connect time: cheap even with many sockets in TIME_WAIT.
+    nix::sys::socket::setsockopt(&socket, IpBindAddressNoPort, &true)?;
     socket.bind(SocketAddr::new(source, 0))?;
     let mut tcp = socket.connect(socks).await?;
     tcp.set_nodelay(true)?;
