@@ -14,5 +14,5 @@ mod mesh;
 
 pub use capture::{Capture, contains};
 pub use cluster::{Cluster, ClusterBuilder, Node, Pod, require_root};
-pub use mesh::{Mesh, PodSpec, ztunnel_binary};
+pub use mesh::{Mesh, PodSpec, SEED_POLICIES, ztunnel_binary};
 pub use ztunnel;

@@ -1,7 +1,8 @@
 //! The real tunnel on a [`Cluster`]: one `ztunnel run` process per node, started in the
-//! node's network namespace (`nsenter --net`, so bpffs and cgroupfs stay visible), each
-//! with a local config listing every pod and its own eBPF pin root, so tests running in
-//! parallel never share steering. Everything is killed and removed on drop.
+//! node's network namespace (`nsenter --net`, not `ip netns exec`, which remounts /sys
+//! and would hide bpffs and cgroupfs), each with a local config listing every pod and its
+//! own eBPF pin root, so tests running in parallel never share steering. Everything is
+//! killed and removed on drop.
 //!
 //! ```no_run
 //! # async fn f() -> anyhow::Result<()> {
@@ -78,6 +79,24 @@ impl PodSpec {
         format!("{}/{}", self.namespace, self.name)
     }
 }
+
+/// The seed policies of the examples: namespace `finance` is STRICT; only
+/// `cluster.local/ns/prod/sa/orders` may call the `app: payments` workloads, and only
+/// on 9090 (the ALLOW list denies everyone else).
+pub const SEED_POLICIES: &str = "- apiVersion: security.istio.io/v1
+  kind: PeerAuthentication
+  metadata: {name: strict, namespace: finance}
+  spec: {mtls: {mode: STRICT}}
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: payments-allow-orders, namespace: finance}
+  spec:
+    selector: {matchLabels: {app: payments}}
+    action: ALLOW
+    rules:
+    - from: [{source: {principals: [cluster.local/ns/prod/sa/orders]}}]
+      to: [{operation: {ports: [\"9090\"]}}]
+";
 
 /// One tunnel per node of a cluster, from one description of the mesh.
 pub struct Mesh {
@@ -169,7 +188,9 @@ impl Mesh {
             .append(true)
             .open(&node.log)
             .with_context(|| format!("cannot open {}", node.log.display()))?;
-        let child = Command::new("nsenter")
+        // setpriv: the tunnel is killed if this program dies before dropping the mesh.
+        let child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "nsenter"])
             .arg(format!("--net={}", node.netns.display()))
             .arg(binary)
             .args(["run", "--config"])
@@ -221,8 +242,8 @@ impl Mesh {
         Ok(())
     }
 
-    /// The process id of node `n`'s tunnel, if it runs. `nsenter` execs the tunnel,
-    /// so this is the tunnel itself.
+    /// The process id of node `n`'s tunnel, if it runs. `setpriv` and `nsenter` exec
+    /// the tunnel, so this is the tunnel itself.
     pub fn pid(&self, n: usize) -> Option<u32> {
         self.nodes[n].child.as_ref().map(Child::id)
     }

@@ -15,27 +15,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use ztunnel_tests::{Cluster, Mesh, Pod, PodSpec, contains};
+use ztunnel_tests::{Cluster, Mesh, Pod, PodSpec, SEED_POLICIES, contains};
 
 const PAYMENTS_PORT: u16 = 9090;
 const WEB_PORT: u16 = 8080;
 /// How long any one step of an exchange may take.
 const STEP: Duration = Duration::from_secs(3);
-
-const POLICIES: &str = "- apiVersion: security.istio.io/v1
-  kind: PeerAuthentication
-  metadata: {name: strict, namespace: finance}
-  spec: {mtls: {mode: STRICT}}
-- apiVersion: security.istio.io/v1
-  kind: AuthorizationPolicy
-  metadata: {name: payments-allow-orders, namespace: finance}
-  spec:
-    selector: {matchLabels: {app: payments}}
-    action: ALLOW
-    rules:
-    - from: [{source: {principals: [cluster.local/ns/prod/sa/orders]}}]
-      to: [{operation: {ports: [\"9090\"]}}]
-";
 
 struct Setup {
     cluster: Cluster,
@@ -58,7 +43,7 @@ impl Setup {
             PodSpec::new(cluster.pod(1, 0), "default", "web"),
             PodSpec::new(cluster.pod(1, 1), "legacy", "batch").unmeshed(),
         ];
-        let mesh = Mesh::new(&cluster, specs, POLICIES).expect("write the mesh");
+        let mesh = Mesh::new(&cluster, specs, SEED_POLICIES).expect("write the mesh");
         let payments = Echo::start(cluster.pod(0, 1), PAYMENTS_PORT);
         let web = Echo::start(cluster.pod(1, 0), WEB_PORT);
         Setup {

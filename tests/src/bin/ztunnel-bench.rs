@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,9 +25,6 @@ const PING_PONGS: usize = 20_000;
 const CONNECT_SECONDS: Duration = Duration::from_secs(3);
 const CONNECT_THREADS: usize = 4;
 const OPEN_CONNECTIONS: usize = 10_000;
-/// Enough descriptors for both ends of the open connections in this process, and for
-/// the tunnels, which inherit it.
-const NOFILE: u64 = 100_000;
 
 #[derive(clap::Parser)]
 #[command(about = "Benchmark the tunnel against the direct path (root)")]
@@ -35,6 +32,14 @@ struct Args {
     /// Also write the figures as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Internal: serve echo in the network namespace at this path until stdin closes
+    /// (the server end of the open connections lives in its own process, so neither
+    /// end needs more descriptors than the machine's limit).
+    #[arg(long, hide = true, value_name = "NETNS", requires = "at")]
+    serve_echo: Option<PathBuf>,
+    /// Internal: the addresses `--serve-echo` listens on.
+    #[arg(long, hide = true, value_name = "ADDR")]
+    at: Vec<SocketAddr>,
 }
 
 /// One path through the topology: a client pod and a server pod.
@@ -52,7 +57,12 @@ impl Path<'_> {
 fn main() -> Result<()> {
     let args: Args = clap::Parser::parse();
     ztunnel_tests::require_root();
-    raise_nofile()?;
+    if let Some(netns) = args.serve_echo {
+        let _echo = EchoServer::start(ztunnel::netns::Netns::open(netns)?, args.at)?;
+        // Serve until the parent closes our stdin.
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        return Ok(());
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     let cluster = Cluster::builder().nodes(2).pods_per_node(2).build()?;
     let specs = vec![
@@ -75,8 +85,8 @@ fn main() -> Result<()> {
         server: cluster.pod(1, 1),
     };
     let _echo = [
-        EchoServer::start(meshed.server)?,
-        EchoServer::start(direct.server)?,
+        EchoProcess::start(meshed.server)?,
+        EchoProcess::start(direct.server)?,
     ];
 
     let mut figures = BTreeMap::new();
@@ -118,48 +128,30 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn raise_nofile() -> Result<()> {
-    let out = std::process::Command::new("prlimit")
-        .arg(format!("--pid={}", std::process::id()))
-        .arg(format!("--nofile={NOFILE}:{NOFILE}"))
-        .output()
-        .context("cannot run prlimit")?;
-    if !out.status.success() {
-        bail!(
-            "cannot raise the open file limit to {NOFILE}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
 /// iperf3 from the client pod to the server pod for `streams` parallel streams:
 /// the received rate in Gbit/s and the bytes received.
 fn iperf(path: &Path, streams: usize) -> Result<(f64, f64)> {
     let mut server = path
         .server
         .command("iperf3")
-        .args(["-s", "-1", "-p", &IPERF_PORT.to_string()])
+        .args(["-s", "-p", &IPERF_PORT.to_string()])
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .context("cannot start iperf3 (cargo xtask setup installs it)")?;
-    // The server listens within a moment; the client retries until it does.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let out = loop {
-        let out = path
+    let listening = wait_listening(path.server, IPERF_PORT);
+    let out = listening.and_then(|()| {
+        Ok(path
             .client
             .command("iperf3")
             .args(["-c", &path.server.ip().to_string()])
             .args(["-p", &IPERF_PORT.to_string(), "-t", IPERF_SECONDS, "-J"])
             .args(["-P", &streams.to_string()])
-            .output()?;
-        if out.status.success() || Instant::now() > deadline {
-            break out;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+            .output()?)
+    });
     let _ = server.kill();
     let _ = server.wait();
+    let out = out?;
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("iperf3 said: {}", String::from_utf8_lossy(&out.stderr)))?;
     let received = &report["end"]["sum_received"];
@@ -170,6 +162,21 @@ fn iperf(path: &Path, streams: usize) -> Result<(f64, f64)> {
         (Some(bps), Some(bytes)) => Ok((bps / 1e9, bytes)),
         _ => bail!("iperf3 failed: {}", report["error"]),
     }
+}
+
+/// Waits until a server listens on the pod's address and `port`, probing from inside
+/// the pod (a pod's connection to itself is never steered).
+fn wait_listening(pod: &Pod, port: u16) -> Result<()> {
+    let netns = pod.netns()?;
+    let address = SocketAddr::new(pod.ip().into(), port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while netns.run(move || TcpStream::connect(address))?.is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on {address} after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 /// 64-byte request, 64-byte answer, over one connection: p50 and p99 in microseconds.
@@ -293,7 +300,35 @@ fn rss_mb(pids: &[u32]) -> Result<f64> {
     Ok(largest)
 }
 
-/// An echo server on every address of a pod, a thread per connection.
+/// This program again, serving echo on every address of a pod; stopped on drop.
+struct EchoProcess(std::process::Child);
+
+impl EchoProcess {
+    fn start(pod: &Pod) -> Result<EchoProcess> {
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.arg("--serve-echo").arg(pod.netns_path());
+        for ip in pod.ips() {
+            cmd.arg("--at")
+                .arg(SocketAddr::new(ip, ECHO_PORT).to_string());
+        }
+        let child = cmd
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot start the echo server")?;
+        let process = EchoProcess(child);
+        wait_listening(pod, ECHO_PORT)?;
+        Ok(process)
+    }
+}
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+/// An echo server, a thread per connection.
 struct EchoServer {
     stop: Arc<AtomicBool>,
     addresses: Vec<SocketAddr>,
@@ -301,14 +336,8 @@ struct EchoServer {
 }
 
 impl EchoServer {
-    fn start(pod: &Pod) -> Result<EchoServer> {
-        let netns = pod.netns()?;
+    fn start(netns: ztunnel::netns::Netns, addresses: Vec<SocketAddr>) -> Result<EchoServer> {
         let stop = Arc::new(AtomicBool::new(false));
-        let addresses: Vec<SocketAddr> = pod
-            .ips()
-            .into_iter()
-            .map(|ip: IpAddr| SocketAddr::new(ip, ECHO_PORT))
-            .collect();
         for &address in &addresses {
             let listener = netns.run(move || TcpListener::bind(address))??;
             let stop = stop.clone();

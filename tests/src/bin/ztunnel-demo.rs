@@ -6,27 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use ztunnel_tests::{Cluster, Mesh, Pod, PodSpec, ztunnel_binary};
+use ztunnel_tests::{Cluster, Mesh, Pod, PodSpec, SEED_POLICIES, ztunnel_binary};
 
 const PAYMENTS_PORT: u16 = 9090;
 const STEP: Duration = Duration::from_secs(3);
-
-/// The seed policies: namespace finance is STRICT; only prod/orders may call payments,
-/// and only on 9090 (the ALLOW list denies everyone else, inventory included).
-const POLICIES: &str = "- apiVersion: security.istio.io/v1
-  kind: PeerAuthentication
-  metadata: {name: strict, namespace: finance}
-  spec: {mtls: {mode: STRICT}}
-- apiVersion: security.istio.io/v1
-  kind: AuthorizationPolicy
-  metadata: {name: payments-allow-orders, namespace: finance}
-  spec:
-    selector: {matchLabels: {app: payments}}
-    action: ALLOW
-    rules:
-    - from: [{source: {principals: [cluster.local/ns/prod/sa/orders]}}]
-      to: [{operation: {ports: [\"9090\"]}}]
-";
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -51,7 +34,7 @@ async fn main() -> Result<()> {
     }
     say("Policies: namespace finance is STRICT (mTLS only); only");
     say("  cluster.local/ns/prod/sa/orders may call payments, and only on port 9090.");
-    let mut mesh = Mesh::new(&cluster, specs.clone(), POLICIES)?;
+    let mut mesh = Mesh::new(&cluster, specs.clone(), SEED_POLICIES)?;
     let payments = cluster.pod(1, 0);
     let app = echo_app(payments, PAYMENTS_PORT)?;
     say(&format!(
