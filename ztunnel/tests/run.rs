@@ -115,6 +115,26 @@ fn start(dir: &Path, node: &str, host: u8, socks5: bool, policies: &str) -> Tunn
     }
 }
 
+/// A directory with a CA made by `ztunnel ca init` in `ca/`.
+fn with_ca() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Command::new(env!("CARGO_BIN_EXE_ztunnel"))
+        .args([
+            "ca",
+            "init",
+            "--dir",
+            dir.path().join("ca").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        ca.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ca.stderr)
+    );
+    dir
+}
+
 /// A plain HTTP/1.0 GET; returns the status code and body.
 async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut tcp = TcpStream::connect(addr).await?;
@@ -189,17 +209,7 @@ async fn metric(tunnel: &Tunnel, prefix: &str) -> String {
 
 #[tokio::test]
 async fn two_tunnels_carry_policy_checked_mtls_and_apply_edits_live() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Command::new(env!("CARGO_BIN_EXE_ztunnel"))
-        .args([
-            "ca",
-            "init",
-            "--dir",
-            dir.path().join("ca").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(ca.status.success());
+    let dir = with_ca();
     let payments_app = SocketAddr::new(ip(3), 9090);
     echo_app(payments_app).await;
 
@@ -284,17 +294,7 @@ async fn two_tunnels_carry_policy_checked_mtls_and_apply_edits_live() {
 
 #[tokio::test]
 async fn sigterm_drains_and_exits() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Command::new(env!("CARGO_BIN_EXE_ztunnel"))
-        .args([
-            "ca",
-            "init",
-            "--dir",
-            dir.path().join("ca").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(ca.status.success());
+    let dir = with_ca();
     let mut a = start(dir.path(), "node-a", 12, true, "");
     wait_ready(&a).await;
     nix::sys::signal::kill(
