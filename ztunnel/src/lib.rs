@@ -3,7 +3,15 @@
 //! PeerAuthentication and L4 AuthorizationPolicy.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod check;
+pub mod config;
+pub mod discovery;
+pub mod hbone;
 pub mod identity;
 pub mod kube;
 pub mod netns;
+pub mod policy;
+pub mod proxy;
+pub mod state;
 pub mod tls;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use ztunnel::check;
 use ztunnel::identity::{self, CaFiles, Identity, InProcessCa};
 use ztunnel::kube::ca::{
     Authorizer, AuthorizerConfig, CaServer, CaServerConfig, DEFAULT_AUDIENCE, Metrics, RootStore,
@@ -19,6 +20,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Explain, without traffic, what would happen to a connection: transport,
+    /// identities, effective mTLS mode, and the policy that allows or denies it.
+    /// Exits 0 when allowed, 1 when refused, 2 on bad input.
+    Check(check::Args),
     /// The in-process certificate authority's files.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -105,7 +110,11 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let outcome = match Cli::parse().command {
+        Command::Check(args) => return ExitCode::from(check::run(&args)),
+        Command::Ca(ca) => run_ca(ca),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -114,20 +123,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Ca(CaCommand::Init { dir, trust_domain }) => {
+fn run_ca(command: CaCommand) -> Result<()> {
+    match command {
+        CaCommand::Init { dir, trust_domain } => {
             let files = identity::init_ca(&dir, &trust_domain)?;
             println!("wrote {} and {}", files.cert.display(), files.key.display());
             Ok(())
         }
-        Command::Ca(CaCommand::Issue { dir, identity, out }) => issue(&dir, &identity, &out),
-        Command::Ca(CaCommand::Serve(args)) => runtime()?.block_on(ca_serve(args)),
-        Command::Ca(CaCommand::Rotate {
+        CaCommand::Issue { dir, identity, out } => issue(&dir, &identity, &out),
+        CaCommand::Serve(args) => runtime()?.block_on(ca_serve(args)),
+        CaCommand::Rotate {
             step,
             secret,
             trust_domain,
-        }) => runtime()?.block_on(ca_rotate(step, &secret, &trust_domain)),
+        } => runtime()?.block_on(ca_rotate(step, &secret, &trust_domain)),
     }
 }
 

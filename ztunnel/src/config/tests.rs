@@ -1,0 +1,137 @@
+use super::*;
+
+fn parse_str(text: &str) -> Result<Config, Error> {
+    parse(Path::new("/etc/ztunnel/config.yaml"), text)
+}
+
+const MINIMAL: &str = "node: node-a\n";
+
+#[test]
+fn defaults_fill_what_the_file_leaves_out() {
+    let c = parse_str(MINIMAL).unwrap();
+    let s = &c.settings;
+    assert_eq!(s.trust_domain, "cluster.local");
+    assert_eq!(s.root_namespace, "istio-system");
+    assert_eq!(s.admin_address.to_string(), "127.0.0.1:15000");
+    assert_eq!(s.readiness_address.to_string(), "0.0.0.0:15021");
+    assert_eq!(s.metrics_address.to_string(), "0.0.0.0:15020");
+    assert_eq!(s.socket_mark, 1337);
+    assert_eq!(s.bpf_pin_root, PathBuf::from("/sys/fs/bpf/ztunnel"));
+    assert_eq!(s.log_level, "info");
+    assert!(s.ca.is_none());
+    assert!(c.resources.workloads.is_empty());
+    assert_eq!(c.resources.node, "node-a");
+}
+
+#[test]
+fn workloads_services_and_ca_paths() {
+    let c = parse_str(
+        r#"
+node: node-a
+trustDomain: example.org
+ca: {certFile: ca/root.pem, keyFile: /secure/root.key, trustBundleFile: ca/bundle.pem}
+workloads:
+- {name: orders, namespace: prod, serviceAccount: orders, ips: [10.0.2.4], labels: {app: orders}, netns: /var/run/netns/orders}
+- {name: batch, namespace: legacy, ips: ["10.0.3.1", "fd00::3:1"], node: node-b, meshed: false}
+services:
+- name: orders
+  namespace: prod
+  vips: [10.96.0.20]
+  ports: [{port: 80, targetPort: 8080}, {port: 443}]
+  selector: {app: orders}
+"#,
+    )
+    .unwrap();
+    assert_eq!(
+        c.settings.trust_bundle_file,
+        Some(PathBuf::from("/etc/ztunnel/ca/bundle.pem"))
+    );
+    let ca = c.settings.ca.unwrap();
+    assert_eq!(ca.cert, PathBuf::from("/etc/ztunnel/ca/root.pem"));
+    assert_eq!(ca.key, PathBuf::from("/secure/root.key"));
+    let w = &c.resources.workloads;
+    assert_eq!(
+        w[0].identity.to_string(),
+        "spiffe://example.org/ns/prod/sa/orders"
+    );
+    assert_eq!(w[0].node, "node-a", "node defaults to this node");
+    assert!(w[0].meshed && w[0].healthy);
+    assert_eq!(w[1].service_account, "default");
+    assert!(!w[1].meshed);
+    assert_eq!(w[1].ips.len(), 2);
+    let s = &c.resources.services[0];
+    assert_eq!(
+        s.ports,
+        vec![
+            ServicePort {
+                port: 80,
+                target_port: 8080
+            },
+            ServicePort {
+                port: 443,
+                target_port: 443
+            }
+        ]
+    );
+}
+
+#[test]
+fn errors_name_the_file_the_place_and_the_problem() {
+    let policy_head = "policies:\n- apiVersion: security.istio.io/v1\n  kind: AuthorizationPolicy\n  metadata: {name: p, namespace: prod}\n  spec:\n";
+    let cases: Vec<(String, &str)> = vec![
+        ("node: [".to_string(), "/etc/ztunnel/config.yaml:1:"),
+        ("trustDomain: x\n".to_string(), "missing field `node`"),
+        ("node: a\nnodes: b\n".to_string(), "/etc/ztunnel/config.yaml:2:1: unknown field `nodes`"),
+        (
+            "node: a\nworkloads:\n- {name: w, namespace: n, ips: [10.0.0.300]}\n".to_string(),
+            "/etc/ztunnel/config.yaml:3:",
+        ),
+        (
+            "node: a\nworkloads:\n- {name: w, namespace: n, ips: [10.0.0.1]}\n- {name: v, namespace: n, ips: [10.0.0.1]}\n".to_string(),
+            "workloads[1] (n/v): IP 10.0.0.1 is already workload n/w's",
+        ),
+        (
+            "node: a\nworkloads:\n- {name: w, namespace: N, ips: [10.0.0.1]}\n".to_string(),
+            "workloads[0] (N/w): identity",
+        ),
+        (
+            "node: a\nworkloads:\n- {name: w, namespace: n, ips: [10.0.0.1], node: b, netns: /x}\n".to_string(),
+            "netns is only for workloads on this node (a), not b",
+        ),
+        (
+            "node: a\nworkloads:\n- {name: w, namespace: n, ips: [10.0.0.1]}\nservices:\n- {name: s, namespace: n, vips: [10.0.0.1], ports: [{port: 80}]}\n".to_string(),
+            "services[0] (n/s): VIP 10.0.0.1 is workload n/w's IP",
+        ),
+        (
+            "node: a\nlogLevel: \"foo=bar=baz\"\n".to_string(),
+            "logLevel:",
+        ),
+        (
+            format!("node: a\n{policy_head}    rules: [{{when: [{{key: destination.port, values: [http]}}]}}]\n"),
+            "policies[0] (AuthorizationPolicy prod/p).spec.rules[0].when[0].values[0]: \"http\" is not a port number",
+        ),
+        (
+            format!("node: a\n{policy_head}    rules:\n    - from:\n      - source: {{principal: [x]}}\n"),
+            "/etc/ztunnel/config.yaml:9:",
+        ),
+    ];
+    for (text, want) in cases {
+        let err = parse_str(&text).expect_err(&text).to_string();
+        assert!(
+            err.contains(want),
+            "{text}\n=> {err:?} does not contain {want:?}"
+        );
+        assert!(err.starts_with("/etc/ztunnel/config.yaml"), "{err}");
+    }
+}
+
+#[test]
+fn load_reports_a_missing_file() {
+    let err = load(Path::new("/nonexistent/ztunnel.yaml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("cannot read config file /nonexistent/ztunnel.yaml:"),
+        "{err}"
+    );
+}

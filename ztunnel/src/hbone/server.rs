@@ -1,0 +1,152 @@
+//! The HBONE server: HTTP/2 on an accepted, secured connection; every CONNECT request
+//! becomes an `Incoming` that the proxy answers.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::headers::ConnectHeaders;
+use super::{Error, H2Stream, Result, settings};
+
+/// Tunables of the server side.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// A client must complete the HTTP/2 handshake and send its first CONNECT request
+    /// within this time after the TLS handshake, or the connection is closed.
+    pub request_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A request waiting for its answer.
+pub struct Incoming {
+    /// The `:authority` of the request (where the client wants to go), or why the
+    /// request is not a CONNECT to an `ip:port` (to be answered 400).
+    pub authority: Result<SocketAddr, RequestError>,
+    pub headers: ConnectHeaders,
+    /// The HBONE peer (client) address.
+    pub peer: SocketAddr,
+    respond: SendResponse<Bytes>,
+    recv: RecvStream,
+}
+
+impl Incoming {
+    /// Answers with an error status and ends the stream.
+    pub fn reject(mut self, status: StatusCode) {
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        if let Err(e) = self.respond.send_response(response, true) {
+            debug!(peer = %self.peer, %status, error = %e, "could not send HBONE answer");
+        }
+    }
+
+    /// Answers 200 and returns the stream to copy bytes over.
+    pub fn accept(mut self) -> Result<H2Stream> {
+        let send = self
+            .respond
+            .send_response(Response::new(()), false)
+            .map_err(|e| Error::Stream(self.peer, e))?;
+        Ok(H2Stream::new(send, self.recv, self.peer, None))
+    }
+}
+
+/// Why a request is not a valid CONNECT (answered 400).
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("method {0} is not CONNECT")]
+    Method(Method),
+    #[error("authority {0:?} is not an ip:port")]
+    Authority(String),
+}
+
+fn parse(request: &Request<RecvStream>) -> Result<SocketAddr, RequestError> {
+    if request.method() != Method::CONNECT {
+        return Err(RequestError::Method(request.method().clone()));
+    }
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .unwrap_or_default();
+    authority
+        .parse()
+        .map_err(|_| RequestError::Authority(authority.to_owned()))
+}
+
+/// Serves HTTP/2 over `io` (already secured) from HBONE client `peer` until the client
+/// goes away or, after `shutdown` fires, its open streams finish (GOAWAY is sent).
+/// Each request is handed to `handler` in a task of its own; those tasks end with the
+/// connection.
+pub async fn serve_connection<I, F, Fut>(
+    io: I,
+    peer: SocketAddr,
+    config: &ServerConfig,
+    shutdown: CancellationToken,
+    handler: F,
+) -> Result<()>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(Incoming) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let h2err = |source| Error::H2 { addr: peer, source };
+    let timeout = config.request_timeout;
+    let mut connection = tokio::time::timeout(
+        timeout,
+        h2::server::Builder::new()
+            .initial_window_size(settings::STREAM_WINDOW)
+            .initial_connection_window_size(settings::CONNECTION_WINDOW)
+            .max_frame_size(settings::MAX_FRAME_SIZE)
+            .max_header_list_size(settings::SERVER_MAX_HEADER_LIST)
+            .max_concurrent_streams(settings::SERVER_MAX_CONCURRENT_STREAMS)
+            .handshake::<_, Bytes>(io),
+    )
+    .await
+    .map_err(|_| Error::RequestTimeout(timeout))?
+    .map_err(h2err)?;
+    let first = tokio::time::sleep(timeout);
+    tokio::pin!(first);
+    let mut got_request = false;
+    let mut draining = false;
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            next = connection.accept() => match next {
+                Some(Ok((request, respond))) => {
+                    got_request = true;
+                    let incoming = Incoming {
+                        authority: parse(&request),
+                        headers: ConnectHeaders::read(request.headers()),
+                        peer,
+                        respond,
+                        recv: request.into_body(),
+                    };
+                    streams.spawn(handler(incoming));
+                }
+                Some(Err(e)) => return Err(h2err(e)),
+                None => return Ok(()),
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            () = &mut first, if !got_request => return Err(Error::RequestTimeout(timeout)),
+            () = shutdown.cancelled(), if !draining => {
+                draining = true;
+                connection.graceful_shutdown();
+            }
+        }
+    }
+}

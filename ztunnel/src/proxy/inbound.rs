@@ -1,0 +1,210 @@
+//! Inbound HBONE (:15008): TLS with the destination workload's certificate, HTTP/2,
+//! and for each CONNECT the checks of the HBONE answer table, authorization, the
+//! connect to the application, and the copy.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::StatusCode;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info};
+
+use super::copy::{self, reset_on_close};
+use super::metrics::{ConnectionRecord, Endpoints, RefusedReason, Reporter, SecurityPolicy};
+use super::{Error, LocalWorkload, Proxy, TUNNEL_PORTS, Verdict};
+use crate::hbone::{self, Incoming};
+use crate::identity::Identity;
+
+impl Proxy {
+    /// Serves an HBONE listener (a workload's `<ip>:15008`) until the drain starts.
+    pub async fn serve_inbound(&self, listener: TcpListener) {
+        self.accept_loop(listener, |proxy, tcp, peer| async move {
+            proxy.inbound(tcp, peer).await;
+        })
+        .await;
+    }
+
+    async fn inbound(self, tcp: TcpStream, peer: SocketAddr) {
+        let inner = &self.inner;
+        let Ok(_slot) = inner.inbound_slots.clone().try_acquire_owned() else {
+            inner.metrics.refused(RefusedReason::ConnectionLimit);
+            info!(%peer, limit = inner.config.max_inbound_connections, "inbound connection limit reached");
+            reset_on_close(&tcp);
+            return;
+        };
+        let local = match tcp.local_addr() {
+            Ok(local) => local,
+            Err(e) => return debug!(%peer, error = %e, "inbound socket gone"),
+        };
+        let Some(workload) = inner.mesh.local_workload(local.ip()) else {
+            inner.metrics.refused(RefusedReason::NoWorkload);
+            info!(%peer, error = %Error::NoWorkload(local.ip()), "HBONE connection refused");
+            return;
+        };
+        // The handshake has its own deadline (`Mtls`), so a silent client is let go.
+        let (io, peer_identity) = match inner.tls.accept(tcp, &workload.identity).await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                inner.metrics.refused(RefusedReason::Handshake);
+                return info!(%peer, error = %e, "HBONE handshake failed");
+            }
+        };
+        let stop = inner.drain.stop.clone();
+        let proxy = self.clone();
+        let served =
+            hbone::serve_connection(io, peer, &inner.config.server, stop, move |incoming| {
+                proxy.clone().inbound_stream(
+                    incoming,
+                    local,
+                    workload.clone(),
+                    peer_identity.clone(),
+                )
+            })
+            .await;
+        if let Err(e) = served {
+            if matches!(e, hbone::Error::RequestTimeout(_)) {
+                inner.metrics.refused(RefusedReason::Handshake);
+            }
+            debug!(%peer, error = %e, "HBONE connection ended");
+        }
+    }
+
+    /// Answers one CONNECT: 400 for another address, 503 for the tunnel's own ports,
+    /// 401 when denied, 503 when the application cannot be reached, else 200 and copy.
+    async fn inbound_stream(
+        self,
+        incoming: Incoming,
+        local: SocketAddr,
+        workload: LocalWorkload,
+        peer_identity: Identity,
+    ) {
+        let inner = &self.inner;
+        let source_ip = incoming.peer.ip();
+        let refuse = |incoming: Incoming, status, reason, error: Error| {
+            inner.metrics.refused(reason);
+            info!(peer = %incoming.peer, %status, error = %error, "HBONE request refused");
+            incoming.reject(status);
+        };
+        let target = match &incoming.authority {
+            Ok(target) => *target,
+            Err(e) => {
+                let error = Error::BadRequest(e.clone());
+                return refuse(
+                    incoming,
+                    StatusCode::BAD_REQUEST,
+                    RefusedReason::BadRequest,
+                    error,
+                );
+            }
+        };
+        if target.ip() != local.ip() {
+            let error = Error::IpMismatch {
+                authority: target,
+                local: local.ip(),
+            };
+            return refuse(
+                incoming,
+                StatusCode::BAD_REQUEST,
+                RefusedReason::IpMismatch,
+                error,
+            );
+        }
+        if TUNNEL_PORTS.contains(&target.port()) {
+            let error = Error::Recursive(target);
+            return refuse(
+                incoming,
+                StatusCode::SERVICE_UNAVAILABLE,
+                RefusedReason::Recursive,
+                error,
+            );
+        }
+        if let Verdict::Deny { policy, reason } =
+            inner
+                .mesh
+                .authorize(source_ip, Some(&peer_identity), target)
+        {
+            let error = Error::Denied { policy, reason };
+            return refuse(
+                incoming,
+                StatusCode::UNAUTHORIZED,
+                RefusedReason::Denied,
+                error,
+            );
+        }
+        let upstream = match inner
+            .sockets
+            .within(workload.netns.as_ref())
+            .connect(target, Some(local.ip()))
+            .await
+        {
+            Ok(upstream) => upstream,
+            Err(source) => {
+                let error = Error::Upstream {
+                    addr: target,
+                    source,
+                };
+                return refuse(
+                    incoming,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    RefusedReason::UpstreamUnreachable,
+                    error,
+                );
+            }
+        };
+        let source_workload = match (
+            &incoming.headers.source_workload,
+            &incoming.headers.source_namespace,
+        ) {
+            (Some(name), Some(namespace)) => Some((name.clone(), namespace.clone())),
+            _ => None,
+        };
+        let endpoints = Endpoints {
+            source: incoming.headers.forwarded_for.unwrap_or(incoming.peer),
+            source_identity: Some(peer_identity.clone()),
+            source_workload,
+            destination: target,
+            destination_identity: Some(workload.identity.clone()),
+            destination_workload: Some((workload.name.clone(), workload.namespace.clone())),
+            traceparent: incoming.headers.traceparent.clone(),
+        };
+        let record = ConnectionRecord::open(
+            &inner.metrics,
+            Reporter::Destination,
+            SecurityPolicy::MutualTls,
+            endpoints,
+        );
+        let result = match incoming.accept() {
+            Ok(stream) => {
+                let copy = copy::tcp_h2(&upstream, stream, &record.sent, &record.received);
+                tokio::select! {
+                    result = copy => result.map_err(Error::from),
+                    denied = self.revoked(source_ip, Some(&peer_identity), target) => Err(denied),
+                }
+            }
+            Err(e) => Err(e.into()),
+        };
+        if result.is_err() {
+            reset_on_close(&upstream);
+        }
+        record.close(result.map_err(|e| e.to_string()));
+    }
+
+    /// Completes when a policy change denies a connection from `source_ip` (proving
+    /// `source`) to `destination`, with the denial.
+    pub(super) async fn revoked(
+        &self,
+        source_ip: IpAddr,
+        source: Option<&Identity>,
+        destination: SocketAddr,
+    ) -> Error {
+        let mut updates = self.inner.mesh.updates();
+        while updates.changed().await.is_ok() {
+            if let Verdict::Deny { policy, reason } =
+                self.inner.mesh.authorize(source_ip, source, destination)
+            {
+                info!(%source_ip, %destination, ?policy, %reason, "open connection closed by a policy change");
+                return Error::Denied { policy, reason };
+            }
+        }
+        std::future::pending().await
+    }
+}

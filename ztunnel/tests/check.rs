@@ -1,0 +1,290 @@
+//! `ztunnel check` run as a binary on the example config: verdicts, output and exit
+//! codes for the documented cases.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn example() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/config.yaml"
+    ))
+}
+
+fn check(config: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ztunnel"))
+        .arg("check")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("ztunnel runs")
+}
+
+/// Runs `check --json` on the example and returns the exit code and the verdict.
+fn verdict(args: &[&str]) -> (i32, Value) {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = check(&example(), &all);
+    let stdout = String::from_utf8(out.stdout).expect("utf-8 output");
+    let v: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "{args:?}: not JSON ({e}): {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().expect("exited"), v)
+}
+
+struct Case {
+    args: &'static [&'static str],
+    exit: i32,
+    transport: &'static str,
+    mode: &'static str,
+    source_identity: Option<&'static str>,
+    destination_identity: Option<&'static str>,
+    policy: Option<&'static str>,
+    reason: &'static str,
+}
+
+#[test]
+fn json_verdicts_for_the_documented_cases() {
+    let cases = [
+        // Only prod/orders may reach payments on 9090.
+        Case {
+            args: &["--from", "prod/orders", "--to", "10.0.1.10:9090"],
+            exit: 0,
+            transport: "hbone",
+            mode: "STRICT",
+            source_identity: Some("spiffe://cluster.local/ns/prod/sa/orders"),
+            destination_identity: Some("spiffe://cluster.local/ns/finance/sa/payments"),
+            policy: Some("finance/payments-allow-orders"),
+            reason: "ALLOW policy finance/payments-allow-orders rule 0 matched",
+        },
+        // inventory has a valid certificate, and is still denied.
+        Case {
+            args: &["--from", "prod/inventory", "--to", "10.0.1.10:9090"],
+            exit: 1,
+            transport: "hbone",
+            mode: "STRICT",
+            source_identity: Some("spiffe://cluster.local/ns/prod/sa/inventory"),
+            destination_identity: Some("spiffe://cluster.local/ns/finance/sa/payments"),
+            policy: Some("finance/payments-allow-orders"),
+            reason: "principals [cluster.local/ns/prod/sa/orders] do not include cluster.local/ns/prod/sa/inventory",
+        },
+        // orders on another port of payments.
+        Case {
+            args: &["--from", "prod/orders", "--to", "10.0.1.10:8080"],
+            exit: 1,
+            transport: "hbone",
+            mode: "STRICT",
+            source_identity: Some("spiffe://cluster.local/ns/prod/sa/orders"),
+            destination_identity: Some("spiffe://cluster.local/ns/finance/sa/payments"),
+            policy: Some("finance/payments-allow-orders"),
+            reason: "ports [9090] do not include 8080",
+        },
+        // STRICT in namespace test refuses plaintext there...
+        Case {
+            args: &["--from", "legacy/batch", "--to", "10.0.1.30:80"],
+            exit: 1,
+            transport: "plaintext",
+            mode: "STRICT",
+            source_identity: None,
+            destination_identity: Some("spiffe://cluster.local/ns/test/sa/app"),
+            policy: Some("test/strict"),
+            reason: "plaintext refused: mTLS mode STRICT for port 80 (namespace PeerAuthentication test/strict)",
+        },
+        // ...and does not affect a service in another namespace.
+        Case {
+            args: &["--from", "legacy/batch", "--to", "10.96.0.40:80"],
+            exit: 0,
+            transport: "plaintext",
+            mode: "PERMISSIVE",
+            source_identity: None,
+            destination_identity: Some("spiffe://cluster.local/ns/default/sa/web"),
+            policy: None,
+            reason: "no ALLOW policy selects the workload",
+        },
+        // The selector-scoped STRICT for app=payments leaves ledger PERMISSIVE, which
+        // accepts plaintext...
+        Case {
+            args: &["--from-ip", "192.0.2.7", "--to", "10.0.1.20:8080"],
+            exit: 0,
+            transport: "plaintext",
+            mode: "PERMISSIVE",
+            source_identity: None,
+            destination_identity: Some("spiffe://cluster.local/ns/finance/sa/ledger"),
+            policy: None,
+            reason: "no ALLOW policy selects the workload",
+        },
+        // ...and mTLS.
+        Case {
+            args: &["--from", "prod/orders", "--to", "10.0.1.20:8080"],
+            exit: 0,
+            transport: "hbone",
+            mode: "PERMISSIVE",
+            source_identity: Some("spiffe://cluster.local/ns/prod/sa/orders"),
+            destination_identity: Some("spiffe://cluster.local/ns/finance/sa/ledger"),
+            policy: None,
+            reason: "no ALLOW policy selects the workload",
+        },
+        // The same plaintext source is refused by payments, which is STRICT.
+        Case {
+            args: &["--from-ip", "192.0.2.7", "--to", "10.0.1.10:9090"],
+            exit: 1,
+            transport: "plaintext",
+            mode: "STRICT",
+            source_identity: None,
+            destination_identity: Some("spiffe://cluster.local/ns/finance/sa/payments"),
+            policy: Some("finance/payments-strict"),
+            reason: "plaintext refused",
+        },
+        // An ALLOW rule with methods and paths never matches at L4.
+        Case {
+            args: &["--from", "prod/orders", "--to", "10.0.1.50:8080"],
+            exit: 1,
+            transport: "hbone",
+            mode: "PERMISSIVE",
+            source_identity: Some("spiffe://cluster.local/ns/prod/sa/orders"),
+            destination_identity: Some("spiffe://cluster.local/ns/finance/sa/billing"),
+            policy: Some("finance/billing-charge"),
+            reason: "uses L7 fields [to[0].operation.methods, to[0].operation.paths] that cannot be checked at L4, so this ALLOW rule never matches",
+        },
+        // Outside the mesh: passed through.
+        Case {
+            args: &["--from", "prod/orders", "--to", "192.0.2.10:443"],
+            exit: 0,
+            transport: "plaintext",
+            mode: "DISABLE",
+            source_identity: None,
+            destination_identity: None,
+            policy: None,
+            reason: "passed through as plaintext to an address outside the mesh",
+        },
+    ];
+    for case in cases {
+        let (exit, v) = verdict(case.args);
+        let what = format!("{:?}: {v}", case.args);
+        assert_eq!(exit, case.exit, "{what}");
+        assert_eq!(v["allowed"], Value::Bool(case.exit == 0), "{what}");
+        assert_eq!(v["transport"], case.transport, "{what}");
+        assert_eq!(v["mode"], case.mode, "{what}");
+        assert_eq!(
+            v["source_identity"].as_str(),
+            case.source_identity,
+            "{what}"
+        );
+        assert_eq!(
+            v["destination_identity"].as_str(),
+            case.destination_identity,
+            "{what}"
+        );
+        assert_eq!(v["policy"].as_str(), case.policy, "{what}");
+        let reason = v["reason"].as_str().expect("reason");
+        assert!(
+            reason.contains(case.reason),
+            "{what}: reason lacks {:?}",
+            case.reason
+        );
+    }
+}
+
+#[test]
+fn a_service_vip_is_translated_to_its_endpoints_target_port() {
+    let (exit, v) = verdict(&["--from", "prod/orders", "--to", "10.96.0.10:80"]);
+    assert_eq!(exit, 0, "{v}");
+    assert_eq!(v["service"], "finance/payments");
+    assert_eq!(v["destination_address"], "10.0.1.10:9090");
+    assert_eq!(
+        v["expected_identities"][0],
+        "spiffe://cluster.local/ns/finance/sa/payments"
+    );
+    let eps = v["endpoints"].as_array().expect("endpoints");
+    assert_eq!(eps.len(), 2);
+    assert_eq!(eps[1]["address"], "10.0.2.11:9090");
+    let (exit, v) = verdict(&["--from", "prod/orders", "--to", "10.96.0.10:81"]);
+    assert_eq!(exit, 1, "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("service finance/payments (10.96.0.10) has no port 81")
+    );
+}
+
+#[test]
+fn the_text_verdict_explains_the_l7_rule() {
+    let out = check(
+        &example(),
+        &["--from", "prod/orders", "--to", "10.0.1.50:8080"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("REFUSED: prod/orders -> finance/billing at 10.0.1.50:8080\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  transport:            HBONE (mTLS) to 10.0.1.50:15008\n"),
+        "{text}"
+    );
+    assert!(text.contains("  mTLS mode:            PERMISSIVE (mesh-wide PeerAuthentication istio-system/default)\n"), "{text}");
+    assert!(
+        text.contains("  policy:               finance/billing-charge\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  warning:              policy finance/billing-charge: rule 0 uses L7 fields [to[0].operation.methods, to[0].operation.paths] that cannot be checked at L4: this ALLOW rule never matches"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_input_exits_2_with_a_clear_error() {
+    let unknown = check(
+        &example(),
+        &["--from", "prod/nobody", "--to", "10.0.1.10:9090"],
+    );
+    assert_eq!(unknown.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&unknown.stderr),
+        "ztunnel check: no workload prod/nobody in the config (expected namespace/name)\n"
+    );
+
+    let bad_name = check(&example(), &["--from", "orders", "--to", "10.0.1.10:9090"]);
+    assert_eq!(bad_name.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad_name.stderr).contains("\"orders\" is not a workload name")
+    );
+
+    let bad_to = check(&example(), &["--from", "prod/orders", "--to", "10.0.1.10"]);
+    assert_eq!(bad_to.status.code(), Some(2));
+
+    let no_source = check(&example(), &["--to", "10.0.1.10:9090"]);
+    assert_eq!(no_source.status.code(), Some(2));
+
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        "node: a\nworkloads:\n- {name: w, namespace: n, ips: [10.0.0.300]}\n",
+    )
+    .unwrap();
+    let out = check(&broken, &["--from", "n/w", "--to", "10.0.1.10:9090"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with(&format!("ztunnel check: {}:3:", broken.display())),
+        "{err}"
+    );
+    assert!(err.contains("invalid IP address syntax"), "{err}");
+
+    let missing = check(
+        &dir.path().join("missing.yaml"),
+        &["--from", "n/w", "--to", "10.0.1.10:9090"],
+    );
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read config file"));
+}
