@@ -326,7 +326,7 @@ impl NetnsTracker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
@@ -336,12 +336,12 @@ mod tests {
 
     /// A fake /proc: `<pid>/cgroup` files and `<pid>/ns/net` links whose targets are
     /// named as the kernel names them (`net:[inode]`), pointing at real files.
-    struct FakeProc {
+    pub(crate) struct FakeProc {
         dir: tempfile::TempDir,
     }
 
     impl FakeProc {
-        fn new(host_inode: u64) -> Self {
+        pub(crate) fn new(host_inode: u64) -> Self {
             let fake = FakeProc {
                 dir: tempfile::tempdir().unwrap(),
             };
@@ -349,11 +349,11 @@ mod tests {
             fake
         }
 
-        fn root(&self) -> &Path {
+        pub(crate) fn root(&self) -> &Path {
             self.dir.path()
         }
 
-        fn process(&self, pid: u32, cgroup: &str, inode: u64) {
+        pub(crate) fn process(&self, pid: u32, cgroup: &str, inode: u64) {
             let dir = self.root().join(pid.to_string());
             std::fs::create_dir_all(dir.join("ns")).unwrap();
             std::fs::write(dir.join("cgroup"), cgroup).unwrap();
@@ -364,7 +364,7 @@ mod tests {
             symlink(&target, dir.join("ns/net")).unwrap();
         }
 
-        fn exit(&self, pid: u32) {
+        pub(crate) fn exit(&self, pid: u32) {
             std::fs::remove_dir_all(self.root().join(pid.to_string())).unwrap();
         }
     }

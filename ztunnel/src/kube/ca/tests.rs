@@ -12,9 +12,9 @@ use serde_json::{Value, json};
 
 use super::authorize::tests::config as authorizer_config;
 use super::client::verify_leaf;
-use super::test_api::FakeApi;
 use super::*;
 use crate::identity::{CertManager, Identity, TrustBundle, TrustStore};
+use crate::kube::test_api::FakeApi;
 
 const SERVER_NAME: &str = "ztunnel-ca.ztunnel-system.svc";
 const BUNDLE: &str = "ztunnel-trust-bundle";
