@@ -1,1 +1,14 @@
+//! Support for the end-to-end tests (root): a cluster of nodes and pods made of network
+//! namespaces on this machine, so a new test is a few lines:
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! let cluster = ztunnel_tests::Cluster::builder().nodes(2).pods_per_node(2).build()?;
+//! let out = cluster.pod(0, 1).exec("ip", &["addr"])?;
+//! # drop(out); Ok(()) }
+//! ```
+
+mod cluster;
+
+pub use cluster::{Cluster, ClusterBuilder, Node, Pod, require_root};
 pub use ztunnel;

@@ -1,7 +1,9 @@
 //! Project tasks: `cargo xtask <command>`.
 //!
 //! `setup` installs what a fresh machine of this image lacks; `test` runs setup when
-//! needed and then every test of the workspace, privileged ones included.
+//! needed and then every test of the workspace, privileged ones included; `build-ebpf`
+//! and `lint-ebpf` build and lint the eBPF programs (ebpf/programs, a workspace of its
+//! own that host builds cannot compile).
 
 mod setup;
 
@@ -21,7 +23,13 @@ struct Cli {
 enum Task {
     /// Install what a fresh machine lacks: nightly rust-src, bpf-linker (LLVM 22), Debian tools.
     Setup,
-    /// Run setup when needed, then every test of the workspace (root-only tests included).
+    /// Build the eBPF object (ebpf/programs) and print its path. `cargo build` of the
+    /// ztunnel crate does the same on its own and embeds the object.
+    BuildEbpf,
+    /// Lint the eBPF programs with clippy (warnings are errors).
+    LintEbpf,
+    /// Run setup when needed, lint the eBPF programs, then every test of the workspace
+    /// (root-only tests included).
     Test {
         /// Extra arguments passed to `cargo test` (after `--` for test filters).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -32,12 +40,25 @@ enum Task {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::run(),
+        Task::BuildEbpf => {
+            setup::run()?;
+            let target_dir = ztunnel_ebpf_build::programs_dir().join("target");
+            let object = ztunnel_ebpf_build::build(&target_dir)?;
+            println!("{}", object.display());
+            Ok(())
+        }
+        Task::LintEbpf => {
+            setup::run()?;
+            ztunnel_ebpf_build::clippy(&ztunnel_ebpf_build::programs_dir().join("target"))
+        }
         Task::Test { args } => test(&args),
     }
 }
 
 fn test(args: &[String]) -> Result<()> {
     setup::run()?;
+    // The eBPF programs are outside the host workspace: lint them here so CI does.
+    ztunnel_ebpf_build::clippy(&ztunnel_ebpf_build::programs_dir().join("target"))?;
     let mut cmd = Command::new(cargo());
     cmd.current_dir(workspace_root())
         .args(["test", "--workspace", "--locked"])

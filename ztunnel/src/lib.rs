@@ -13,5 +13,6 @@ pub mod kube;
 pub mod netns;
 pub mod policy;
 pub mod proxy;
+pub mod redirect;
 pub mod state;
 pub mod tls;

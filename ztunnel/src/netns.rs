@@ -31,7 +31,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 /// The mark (`SO_MARK`) on every socket the tunnel opens: the eBPF programs leave
 /// sockets with this mark alone, so the tunnel's own connections are never steered.
-pub const TUNNEL_MARK: u32 = 0x539;
+pub use ztunnel_ebpf_common::TUNNEL_MARK;
 
 /// Backlog of the listeners made by [`Netns::listen`].
 const LISTEN_BACKLOG: i32 = 1024;
@@ -72,6 +72,8 @@ pub enum Error {
         dst: SocketAddr,
         source: io::Error,
     },
+    #[error("listeners are registered with tokio: call from inside a tokio runtime")]
+    NoRuntime,
     #[error("cannot read the cookie of network namespace {path}: {source}")]
     Cookie { path: PathBuf, source: io::Error },
 }
@@ -159,9 +161,12 @@ impl Netns {
     }
 
     /// A non-blocking TCP listener bound to `addr` inside the namespace, with socket
-    /// mark `mark` (accepted sockets inherit it). IPv6 listeners are IPv6-only.
+    /// mark `mark` (accepted sockets inherit it). IPv6 listeners are IPv6-only. The
+    /// address may still be tentative (IPv6 duplicate address detection): the socket is
+    /// bound with `IP_FREEBIND`.
     /// Call it from inside a tokio runtime: the listener is registered with it.
     pub fn listen(&self, addr: SocketAddr, mark: u32) -> Result<tokio::net::TcpListener, Error> {
+        tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let listen_error = |source| Error::Listen {
             path: self.path.clone(),
             addr,
@@ -230,15 +235,18 @@ fn tcp_socket(addr: &SocketAddr, mark: u32) -> io::Result<Socket> {
     )?;
     socket.set_mark(mark)?;
     socket.set_nonblocking(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
     Ok(socket)
 }
 
 fn listening_socket(addr: SocketAddr, mark: u32) -> io::Result<std::net::TcpListener> {
     let socket = tcp_socket(&addr, mark)?;
     socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+        socket.set_freebind_v6(true)?;
+    } else {
+        socket.set_freebind_v4(true)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
