@@ -502,15 +502,26 @@ impl KubeSource {
 
 type Watched<K> = (Store<K>, Box<dyn Stream<Item = ()> + Send + Unpin>);
 
-fn watch<K>(api: Api<K>, resource: &'static str, metrics: &Metrics) -> Watched<K>
-where
+/// What a watched resource must be.
+trait Watchable:
+    ::kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+}
+
+impl<K> Watchable for K where
     K: ::kube::Resource
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug
         + Send
         + Sync
-        + 'static,
+        + 'static
+{
+}
+
+fn watch<K>(api: Api<K>, resource: &'static str, metrics: &Metrics) -> Watched<K>
+where
+    K: Watchable,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let writer = reflector::store::Writer::<K>::default();
@@ -527,13 +538,7 @@ fn watched<K>(
     metrics: &Metrics,
 ) -> Box<dyn Stream<Item = ()> + Send + Unpin>
 where
-    K: ::kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watchable,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let errors = metrics
@@ -680,26 +685,19 @@ mod tests {
                "spec": spec})
     }
 
+    fn parsed<T: serde::de::DeserializeOwned>(value: &Value) -> Arc<T> {
+        Arc::new(serde_json::from_value(value.clone()).unwrap())
+    }
+
     fn objects(values: &[(&str, Value)]) -> Objects {
         let mut objects = Objects::default();
-        for (resource, value) in values {
-            let v = value.clone();
+        for (resource, v) in values {
             match *resource {
-                "pods" => objects
-                    .pods
-                    .push(Arc::new(serde_json::from_value(v).unwrap())),
-                "namespaces" => objects
-                    .namespaces
-                    .push(Arc::new(serde_json::from_value(v).unwrap())),
-                "services" => objects
-                    .services
-                    .push(Arc::new(serde_json::from_value(v).unwrap())),
-                "endpointslices" => objects
-                    .endpoint_slices
-                    .push(Arc::new(serde_json::from_value(v).unwrap())),
-                _ => objects
-                    .policies
-                    .push(Arc::new(serde_json::from_value(v).unwrap())),
+                "pods" => objects.pods.push(parsed(v)),
+                "namespaces" => objects.namespaces.push(parsed(v)),
+                "services" => objects.services.push(parsed(v)),
+                "endpointslices" => objects.endpoint_slices.push(parsed(v)),
+                _ => objects.policies.push(parsed(v)),
             }
         }
         objects
@@ -714,6 +712,17 @@ mod tests {
                                   {"name": "admin", "port": 8080, "targetPort": 8081, "protocol": "TCP"},
                                   {"name": "dns", "port": 53, "targetPort": 53, "protocol": "UDP"},
                                   {"name": "grpc", "port": 9000, "targetPort": "grpc", "protocol": "TCP"}]}})
+    }
+
+    fn strict_finance() -> Value {
+        policy(
+            "PeerAuthentication",
+            "v1",
+            "finance",
+            "strict",
+            "2026-11-23T10:02:00Z",
+            json!({"mtls": {"mode": "STRICT"}}),
+        )
     }
 
     fn payments_slice() -> Value {
@@ -843,17 +852,7 @@ mod tests {
                                 "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}),
             ),
             ("endpointslices", payments_slice()),
-            (
-                "peerauthentications",
-                policy(
-                    "PeerAuthentication",
-                    "v1",
-                    "finance",
-                    "strict",
-                    "2026-11-23T10:02:00Z",
-                    json!({"mtls": {"mode": "STRICT"}}),
-                ),
-            ),
+            ("peerauthentications", strict_finance()),
             (
                 "authorizationpolicies",
                 policy(
@@ -1047,17 +1046,7 @@ mod tests {
         );
         api.put_object("services", payments_service());
         api.put_object("endpointslices", payments_slice());
-        api.put_object(
-            "peerauthentications",
-            policy(
-                "PeerAuthentication",
-                "v1",
-                "finance",
-                "strict",
-                "2026-11-23T10:02:00Z",
-                json!({"mtls": {"mode": "STRICT"}}),
-            ),
-        );
+        api.put_object("peerauthentications", strict_finance());
         // The first list of AuthorizationPolicies fails: the watch backs off and retries.
         api.unavailable("authorizationpolicies", 1);
         let proc = FakeProc::new(4026531840);
@@ -1123,28 +1112,17 @@ mod tests {
         .await;
 
         // A policy arrives by watch; a broken one is left out and counted.
-        api.apply(
-            "authorizationpolicies",
-            policy(
-                "AuthorizationPolicy",
-                "v1",
-                "finance",
+        for (name, created, spec) in [
+            (
                 "deny-all",
                 "2026-11-23T10:04:00Z",
                 json!({"action": "DENY", "rules": [{}]}),
             ),
-        );
-        api.apply(
-            "authorizationpolicies",
-            policy(
-                "AuthorizationPolicy",
-                "v1",
-                "finance",
-                "broken",
-                "2026-11-23T10:05:00Z",
-                json!({"action": "MAYBE"}),
-            ),
-        );
+            ("broken", "2026-11-23T10:05:00Z", json!({"action": "MAYBE"})),
+        ] {
+            let object = policy("AuthorizationPolicy", "v1", "finance", name, created, spec);
+            api.apply("authorizationpolicies", object);
+        }
         until(&state, "the policy is published", |s| {
             s.policies().len() == 2
         })
