@@ -122,11 +122,24 @@ pub struct Scan {
 #[derive(Clone, Debug)]
 pub struct ProcScanner {
     root: PathBuf,
+    host_netns: PathBuf,
 }
 
 impl ProcScanner {
+    /// Scans `root`; the host's network namespace is that of PID 1 (`<root>/1/ns/net`).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        ProcScanner { root: root.into() }
+        let root = root.into();
+        ProcScanner {
+            host_netns: root.join("1/ns/net"),
+            root,
+        }
+    }
+
+    /// Takes the host's network namespace from another link (where PID 1's cannot be
+    /// read, e.g. inside a container that is not the host's init).
+    pub fn with_host_netns(mut self, link: impl Into<PathBuf>) -> Self {
+        self.host_netns = link.into();
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -136,7 +149,7 @@ impl ProcScanner {
     /// Maps every local pod to its network namespace, skipping pods in the host's one.
     /// Processes that exit during the scan are skipped and counted in `unreadable`.
     pub fn scan(&self) -> Result<Scan, Error> {
-        let host_link = self.root.join("1/ns/net");
+        let host_link = &self.host_netns;
         let host = read_netns_inode(&host_link).map_err(|e| match e {
             NetnsReadError::Io(source) => Error::HostNetns {
                 path: host_link.clone(),
