@@ -150,7 +150,7 @@ impl ProcScanner {
     /// Processes that exit during the scan are skipped and counted in `unreadable`.
     pub fn scan(&self) -> Result<Scan, Error> {
         let host_link = &self.host_netns;
-        let host = read_netns_inode(&host_link).map_err(|e| match e {
+        let host = read_netns_inode(host_link).map_err(|e| match e {
             NetnsReadError::Io(source) => Error::HostNetns {
                 path: host_link.clone(),
                 source,
