@@ -207,7 +207,7 @@ async fn ca_serve(args: ServeArgs) -> Result<()> {
         secret: store.secret_name(),
         dns_names,
         cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
-        handshake_timeout: Duration::from_secs(10),
+        client_timeout: Duration::from_secs(10),
     };
     let server = CaServer::new(
         config,
