@@ -335,3 +335,25 @@ fn a_broken_config_is_refused_with_its_place() {
         "{stderr}"
     );
 }
+
+#[test]
+fn run_needs_one_source_and_kube_needs_the_node() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ztunnel"))
+            .arg("run")
+            .args(args)
+            .env_remove("NODE_NAME")
+            .env("KUBECONFIG", "/nonexistent")
+            .output()
+            .unwrap()
+    };
+    let neither = run(&[]);
+    assert_eq!(neither.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&neither.stderr).contains("--config"));
+    let both = run(&["--config", "x.yaml", "--kube"]);
+    assert_eq!(both.status.code(), Some(2));
+    let no_node = run(&["--kube"]);
+    assert_eq!(no_node.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&no_node.stderr);
+    assert!(stderr.contains("NODE_NAME"), "{stderr}");
+}

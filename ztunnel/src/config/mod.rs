@@ -80,6 +80,28 @@ pub struct Settings {
 }
 
 /// A checked config file.
+impl Settings {
+    /// Every setting at its default, for node `node` (the Kubernetes mode, where no file
+    /// is read).
+    pub fn defaults(node: &str) -> Settings {
+        Settings {
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_string(),
+            node: node.to_string(),
+            root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
+            ca: None,
+            trust_bundle_file: None,
+            admin_address: DEFAULT_ADMIN_ADDRESS,
+            readiness_address: DEFAULT_READINESS_ADDRESS,
+            metrics_address: DEFAULT_METRICS_ADDRESS,
+            socket_mark: DEFAULT_SOCKET_MARK,
+            bpf_pin_root: PathBuf::from(DEFAULT_BPF_PIN_ROOT),
+            log_level: DEFAULT_LOG_LEVEL.to_string(),
+            socks5_address: None,
+            drain_grace_period_seconds: DEFAULT_DRAIN_GRACE_PERIOD_SECONDS,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     /// The file it came from (watched for changes).
