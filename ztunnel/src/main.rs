@@ -67,6 +67,15 @@ struct RunArgs {
         requires = "kube"
     )]
     ca_token_file: PathBuf,
+    /// Peers never steered, both ways, as IP or prefix (repeatable): the node's address,
+    /// so the kubelet's probes reach pods in STRICT namespaces.
+    #[arg(
+        long = "exclude-peer",
+        env = "HOST_IP",
+        value_delimiter = ',',
+        requires = "kube"
+    )]
+    exclude_peers: Vec<String>,
     /// The roots to trust (the CA publishes them in a ConfigMap); watched.
     #[arg(
         long,
@@ -188,6 +197,17 @@ fn run_tunnel(args: RunArgs) -> Result<()> {
             settings.trust_domain = args.trust_domain;
             settings.root_namespace = args.root_namespace;
             settings.trust_bundle_file = Some(args.trust_bundle);
+            settings.excluded_peers = args
+                .exclude_peers
+                .iter()
+                .map(|p| {
+                    p.parse::<ipnet::IpNet>()
+                        .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                        .with_context(|| {
+                            format!("--exclude-peer {p:?} is not an IP address or prefix")
+                        })
+                })
+                .collect::<Result<_>>()?;
             let level = std::env::var("RUST_LOG").unwrap_or_else(|_| settings.log_level.clone());
             let host = args
                 .ca_address

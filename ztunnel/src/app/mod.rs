@@ -542,6 +542,8 @@ impl Node {
         }
         let mut config = redirect::Config::for_node(&self.settings.node);
         config.pin_root = self.settings.bpf_pin_root.join(&self.settings.node);
+        config.excluded_peers = self.settings.excluded_peers.clone();
+        config.excluded_ports = self.settings.excluded_ports.clone();
         let redirect = Arc::new(
             Redirect::load(&config, self.redirect_metrics.clone())
                 .context("loading the eBPF steering programs")?,

@@ -77,6 +77,11 @@ pub struct Settings {
     pub socks5_address: Option<SocketAddr>,
     /// How long open connections may finish after SIGTERM before they are closed.
     pub drain_grace_period_seconds: u64,
+    /// Peers whose traffic is never steered, both ways (the node's own address, so the
+    /// kubelet's probes reach pods in STRICT namespaces).
+    pub excluded_peers: Vec<ipnet::IpNet>,
+    /// Outbound destination ports never steered.
+    pub excluded_ports: Vec<u16>,
 }
 
 /// A checked config file.
@@ -98,6 +103,8 @@ impl Settings {
             log_level: DEFAULT_LOG_LEVEL.to_string(),
             socks5_address: None,
             drain_grace_period_seconds: DEFAULT_DRAIN_GRACE_PERIOD_SECONDS,
+            excluded_peers: Vec::new(),
+            excluded_ports: Vec::new(),
         }
     }
 }
@@ -152,6 +159,10 @@ struct File {
     socks5_address: Option<SocketAddr>,
     #[serde(default = "default_drain_grace")]
     drain_grace_period_seconds: u64,
+    #[serde(default)]
+    excluded_peers: Vec<ipnet::IpNet>,
+    #[serde(default)]
+    excluded_ports: Vec<u16>,
     #[serde(default)]
     workloads: Vec<RawWorkload>,
     #[serde(default)]
@@ -332,6 +343,8 @@ impl Checker<'_> {
             log_level: file.log_level,
             socks5_address: file.socks5_address,
             drain_grace_period_seconds: file.drain_grace_period_seconds,
+            excluded_peers: file.excluded_peers,
+            excluded_ports: file.excluded_ports,
             trust_domain: file.trust_domain,
             node: file.node,
             root_namespace: file.root_namespace,
