@@ -361,7 +361,10 @@ impl Node {
         loop {
             let snapshot = state.load();
             let complete = self.reconcile(&snapshot);
-            if complete && let Some(condition) = enrolled.take() {
+            if complete
+                && snapshot.generation() > 0
+                && let Some(condition) = enrolled.take()
+            {
                 self.await_certificates().await;
                 condition.ready();
                 info!(pods = self.pods.len(), "local workloads enrolled");
