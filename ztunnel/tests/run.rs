@@ -357,3 +357,16 @@ fn run_needs_one_source_and_kube_needs_the_node() {
     let stderr = String::from_utf8_lossy(&no_node.stderr);
     assert!(stderr.contains("NODE_NAME"), "{stderr}");
 }
+
+/// The README's loopback example loads as written.
+#[test]
+fn the_loopback_example_loads() {
+    for node in ["node-a", "node-b"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../deploy/examples/loopback/{node}.yaml"));
+        let config = ztunnel::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.settings.node, node);
+        assert_eq!(config.resources.workloads.len(), 3);
+        assert!(config.settings.ca.is_some());
+    }
+}
