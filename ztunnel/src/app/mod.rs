@@ -127,7 +127,7 @@ impl Tunnel {
 
         let mesh = StateMesh::new(state.clone());
         let proxy_config = proxy::Config {
-            mark: Some(settings.socket_mark),
+            mark: Some(crate::netns::TUNNEL_MARK),
             ..proxy::Config::default()
         };
         let proxy = Proxy::new(
