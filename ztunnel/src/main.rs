@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use ztunnel::check;
 use ztunnel::identity::{self, CaFiles, Identity, InProcessCa};
 use ztunnel::kube::ca::{
     Authorizer, AuthorizerConfig, CaServer, CaServerConfig, DEFAULT_AUDIENCE, Metrics, RootStore,
 };
+use ztunnel::{app, check};
 
 #[derive(Parser)]
 #[command(name = "ztunnel", version, about = "Node tunnel for ambient meshes")]
@@ -20,12 +20,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the tunnel from a local config file (watched: edits apply without restart).
-    Run {
-        /// The local config file (see deploy/examples/config.yaml).
-        #[arg(long)]
-        config: PathBuf,
-    },
+    /// Run the tunnel: from a local config file (watched: edits apply without restart),
+    /// or from the Kubernetes API as a DaemonSet.
+    Run(RunArgs),
     /// Explain, without traffic, what would happen to a connection: transport,
     /// identities, effective mTLS mode, and the policy that allows or denies it.
     /// Exits 0 when allowed, 1 when refused, 2 on bad input.
@@ -33,6 +30,59 @@ enum Command {
     /// The in-process certificate authority's files.
     #[command(subcommand)]
     Ca(CaCommand),
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "kube"])))]
+struct RunArgs {
+    /// The local config file (see deploy/examples/config.yaml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Read workloads, services and policies from the Kubernetes API; certificates come
+    /// from the cluster CA (`ztunnel ca serve`).
+    #[arg(long)]
+    kube: bool,
+    /// This node's name.
+    #[arg(long, env = "NODE_NAME", requires = "kube")]
+    node: Option<String>,
+    #[arg(long, default_value = "cluster.local", requires = "kube")]
+    trust_domain: String,
+    /// Istio's root namespace: its policies without a selector apply mesh-wide.
+    #[arg(long, default_value = "istio-system", requires = "kube")]
+    root_namespace: String,
+    /// Where the host's /proc is mounted (pods' network namespaces are found there).
+    #[arg(long, default_value = "/proc", requires = "kube")]
+    proc_root: PathBuf,
+    /// The cluster CA service, HOST:PORT; HOST must be in its certificate.
+    #[arg(
+        long,
+        default_value = "ztunnel-ca.ztunnel-system.svc:15012",
+        requires = "kube"
+    )]
+    ca_address: String,
+    /// The projected ServiceAccount token the CA authenticates the tunnel by.
+    #[arg(
+        long,
+        default_value = "/var/run/secrets/ztunnel-ca/token",
+        requires = "kube"
+    )]
+    ca_token_file: PathBuf,
+    /// Peers never steered, both ways, as IP or prefix (repeatable): the node's address,
+    /// so the kubelet's probes reach pods in STRICT namespaces.
+    #[arg(
+        long = "exclude-peer",
+        env = "HOST_IP",
+        value_delimiter = ',',
+        requires = "kube"
+    )]
+    exclude_peers: Vec<String>,
+    /// The roots to trust (the CA publishes them in a ConfigMap); watched.
+    #[arg(
+        long,
+        default_value = "/var/run/secrets/ztunnel-trust/root-cert.pem",
+        requires = "kube"
+    )]
+    trust_bundle: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -117,7 +167,7 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let outcome = match Cli::parse().command {
-        Command::Run { config } => run_tunnel(&config),
+        Command::Run(args) => run_tunnel(args),
         Command::Check(args) => return ExitCode::from(check::run(&args)),
         Command::Ca(ca) => run_ca(ca),
     };
@@ -130,12 +180,58 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_tunnel(path: &Path) -> Result<()> {
-    let config = ztunnel::config::load(path)?;
-    let log = ztunnel::admin::LogControl::init(&config.settings.log_level)?;
+fn run_tunnel(args: RunArgs) -> Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(ztunnel::app::run(config, log))
+    let (source, log_level) = match args.config {
+        Some(path) => {
+            let config = ztunnel::config::load(&path)?;
+            let level = config.settings.log_level.clone();
+            (app::Source::File(config), level)
+        }
+        None => {
+            let node = args
+                .node
+                .context("the node's name is required: set NODE_NAME or --node")?;
+            let mut settings = ztunnel::config::Settings::defaults(&node);
+            settings.trust_domain = args.trust_domain;
+            settings.root_namespace = args.root_namespace;
+            settings.trust_bundle_file = Some(args.trust_bundle);
+            settings.excluded_peers = args
+                .exclude_peers
+                .iter()
+                .map(|p| {
+                    p.parse::<ipnet::IpNet>()
+                        .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                        .with_context(|| {
+                            format!("--exclude-peer {p:?} is not an IP address or prefix")
+                        })
+                })
+                .collect::<Result<_>>()?;
+            let level = std::env::var("RUST_LOG").unwrap_or_else(|_| settings.log_level.clone());
+            let host = args
+                .ca_address
+                .rsplit_once(':')
+                .map(|(h, _)| h)
+                .unwrap_or(&args.ca_address);
+            let ca = ztunnel::kube::ca::CaClientConfig {
+                server_name: host.to_string(),
+                address: args.ca_address.clone(),
+                token_file: args.ca_token_file,
+                timeout: Duration::from_secs(10),
+            };
+            let client = runtime.block_on(kube_client())?;
+            let kube = app::KubeOptions {
+                client,
+                settings,
+                proc_root: args.proc_root,
+                ca,
+            };
+            (app::Source::Kube(kube), level)
+        }
+    };
+    let log = ztunnel::admin::LogControl::init(&log_level)?;
+    runtime.block_on(app::run(source, log))
 }
 
 fn run_ca(command: CaCommand) -> Result<()> {
@@ -207,7 +303,7 @@ async fn ca_serve(args: ServeArgs) -> Result<()> {
         secret: store.secret_name(),
         dns_names,
         cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
-        handshake_timeout: Duration::from_secs(10),
+        client_timeout: Duration::from_secs(10),
     };
     let server = CaServer::new(
         config,

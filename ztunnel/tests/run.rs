@@ -115,6 +115,26 @@ fn start(dir: &Path, node: &str, host: u8, socks5: bool, policies: &str) -> Tunn
     }
 }
 
+/// A directory with a CA made by `ztunnel ca init` in `ca/`.
+fn with_ca() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Command::new(env!("CARGO_BIN_EXE_ztunnel"))
+        .args([
+            "ca",
+            "init",
+            "--dir",
+            dir.path().join("ca").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        ca.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ca.stderr)
+    );
+    dir
+}
+
 /// A plain HTTP/1.0 GET; returns the status code and body.
 async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut tcp = TcpStream::connect(addr).await?;
@@ -189,17 +209,7 @@ async fn metric(tunnel: &Tunnel, prefix: &str) -> String {
 
 #[tokio::test]
 async fn two_tunnels_carry_policy_checked_mtls_and_apply_edits_live() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Command::new(env!("CARGO_BIN_EXE_ztunnel"))
-        .args([
-            "ca",
-            "init",
-            "--dir",
-            dir.path().join("ca").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(ca.status.success());
+    let dir = with_ca();
     let payments_app = SocketAddr::new(ip(3), 9090);
     echo_app(payments_app).await;
 
@@ -284,17 +294,7 @@ async fn two_tunnels_carry_policy_checked_mtls_and_apply_edits_live() {
 
 #[tokio::test]
 async fn sigterm_drains_and_exits() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Command::new(env!("CARGO_BIN_EXE_ztunnel"))
-        .args([
-            "ca",
-            "init",
-            "--dir",
-            dir.path().join("ca").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(ca.status.success());
+    let dir = with_ca();
     let mut a = start(dir.path(), "node-a", 12, true, "");
     wait_ready(&a).await;
     nix::sys::signal::kill(
@@ -334,4 +334,39 @@ fn a_broken_config_is_refused_with_its_place() {
             && stderr.contains("invalid IP address"),
         "{stderr}"
     );
+}
+
+#[test]
+fn run_needs_one_source_and_kube_needs_the_node() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ztunnel"))
+            .arg("run")
+            .args(args)
+            .env_remove("NODE_NAME")
+            .env("KUBECONFIG", "/nonexistent")
+            .output()
+            .unwrap()
+    };
+    let neither = run(&[]);
+    assert_eq!(neither.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&neither.stderr).contains("--config"));
+    let both = run(&["--config", "x.yaml", "--kube"]);
+    assert_eq!(both.status.code(), Some(2));
+    let no_node = run(&["--kube"]);
+    assert_eq!(no_node.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&no_node.stderr);
+    assert!(stderr.contains("NODE_NAME"), "{stderr}");
+}
+
+/// The README's loopback example loads as written.
+#[test]
+fn the_loopback_example_loads() {
+    for node in ["node-a", "node-b"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../deploy/examples/loopback/{node}.yaml"));
+        let config = ztunnel::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.settings.node, node);
+        assert_eq!(config.resources.workloads.len(), 3);
+        assert!(config.settings.ca.is_some());
+    }
 }

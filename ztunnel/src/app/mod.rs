@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
@@ -22,7 +23,13 @@ use crate::admin::{self, Admin, LogControl, Readiness};
 use crate::config::{Config, Settings};
 use crate::discovery::local::LocalSource;
 use crate::hbone::Mtls;
-use crate::identity::{self, CertManager, FileWatcher, Identity, InProcessCa, TrustStore};
+use crate::identity::{
+    self, CertManager, CertificateAuthority, FileWatcher, Identity, InProcessCa, TrustBundle,
+    TrustStore,
+};
+use crate::kube::ca::{CaClient, CaClientConfig};
+use crate::kube::discovery::{self, KubeSource};
+use crate::kube::pod_netns::{self, NetnsTracker, ProcScanner};
 use crate::netns::Netns;
 use crate::proxy::{self, Drain, LocalWorkload, Proxy};
 use crate::redirect::{self, PodNetwork, Redirect};
@@ -46,39 +53,68 @@ pub struct Tunnel {
     state: State,
     grace: Duration,
     tasks: Vec<JoinHandle<()>>,
-    _source: LocalSource,
+    _source: Running,
     _bundle_watch: Option<FileWatcher>,
 }
 
 impl Tunnel {
-    /// Starts every part from a loaded local config file.
-    pub async fn start(config: Config, log: LogControl) -> Result<Tunnel> {
-        let settings = config.settings.clone();
+    /// Starts every part: discovery from `source`, certificates from its CA.
+    pub async fn start(source: Source, log: LogControl) -> Result<Tunnel> {
+        let settings = source.settings().clone();
         let mut registry = Registry::default();
         let readiness = Readiness::new();
         let enrolled = readiness.register("workloads enrolled with certificates");
-
         let state = State::new();
-        let source = LocalSource::start(&config, state.clone(), &mut registry)?;
+        let provider = tls::provider();
+        let mut tasks = Vec::new();
 
-        let ca_files = settings.ca.clone().with_context(|| {
-            format!(
-                "{}: `ca` is required: the tunnel needs a CA to issue workload certificates",
-                config.path.display()
-            )
-        })?;
-        let bundle_file = settings
-            .trust_bundle_file
-            .clone()
-            .unwrap_or_else(|| ca_files.cert.clone());
+        let bundle_file = match (&settings.trust_bundle_file, &settings.ca) {
+            (Some(file), _) => file.clone(),
+            (None, Some(ca)) => ca.cert.clone(),
+            (None, None) => {
+                anyhow::bail!("no trust bundle: name a trust bundle file or the CA files")
+            }
+        };
         let trust = TrustStore::from_file(&bundle_file)?;
         let bundle_watch = trust.watch(|_| {})?;
-        let ca = InProcessCa::load(&ca_files, identity::DEFAULT_CERT_LIFETIME)?;
-        let certs = CertManager::new(
-            Arc::new(ca),
-            tls::provider(),
-            identity::Metrics::register(&mut registry),
-        );
+
+        let (ca, running): (Arc<dyn CertificateAuthority>, Running) = match source {
+            Source::File(config) => {
+                let ca_files = settings.ca.clone().with_context(|| {
+                    format!(
+                        "{}: `ca` is required: the tunnel needs a CA to issue workload certificates",
+                        config.path.display()
+                    )
+                })?;
+                let ca = InProcessCa::load(&ca_files, identity::DEFAULT_CERT_LIFETIME)?;
+                let local = LocalSource::start(&config, state.clone(), &mut registry)?;
+                (Arc::new(ca), Running::File(local))
+            }
+            Source::Kube(kube) => {
+                let client = CaClient::new(kube.ca, trust.clone(), provider.clone());
+                tasks.push(tokio::spawn(follow_bundle(
+                    client.trust_bundle(),
+                    trust.clone(),
+                )));
+                let scanner = ProcScanner::new(&kube.proc_root);
+                let tracker =
+                    NetnsTracker::new(scanner, pod_netns::Metrics::register(&mut registry));
+                let discovery = KubeSource::start(
+                    kube.client,
+                    discovery::Settings {
+                        node: settings.node.clone(),
+                        trust_domain: settings.trust_domain.clone(),
+                        root_namespace: settings.root_namespace.clone(),
+                    },
+                    state.clone(),
+                    tracker,
+                    discovery::Metrics::register(&mut registry),
+                );
+                (Arc::new(client), Running::Kube(discovery))
+            }
+        };
+        let steered_only = matches!(running, Running::Kube(_));
+        let certs = CertManager::new(ca, provider, identity::Metrics::register(&mut registry));
         let tls_metrics = tls::Metrics::register(&mut registry);
         let redirect_metrics = redirect::Metrics::register(&mut registry);
         let mtls = Mtls::new(
@@ -91,7 +127,7 @@ impl Tunnel {
 
         let mesh = StateMesh::new(state.clone());
         let proxy_config = proxy::Config {
-            mark: Some(settings.socket_mark),
+            mark: Some(crate::netns::TUNNEL_MARK),
             ..proxy::Config::default()
         };
         let proxy = Proxy::new(
@@ -101,7 +137,6 @@ impl Tunnel {
             &mut registry,
         );
 
-        let mut tasks = Vec::new();
         let socks5 = match settings.socks5_address {
             Some(address) => {
                 let listener = proxy
@@ -140,6 +175,7 @@ impl Tunnel {
             certs,
             redirect: None,
             redirect_metrics,
+            steered_only,
             pods: HashMap::new(),
         };
         tasks.push(tokio::spawn(node.run(state.clone(), enrolled)));
@@ -151,7 +187,7 @@ impl Tunnel {
             state,
             grace: Duration::from_secs(settings.drain_grace_period_seconds),
             tasks,
-            _source: source,
+            _source: running,
             _bundle_watch: bundle_watch,
         })
     }
@@ -186,11 +222,66 @@ impl Drop for Tunnel {
     }
 }
 
-/// Runs the tunnel from `config` until SIGTERM or SIGINT, then drains.
-pub async fn run(config: Config, log: LogControl) -> Result<()> {
+/// Where workloads, services and policies come from, and who issues certificates.
+pub enum Source {
+    /// The local config file (watched), and the in-process CA it names.
+    File(Config),
+    /// The Kubernetes API, and the cluster CA service.
+    Kube(KubeOptions),
+}
+
+/// Running the tunnel from the Kubernetes API.
+pub struct KubeOptions {
+    pub client: ::kube::Client,
+    /// `node`, `trust_domain`, `root_namespace`, `trust_bundle_file` (the published roots)
+    /// and the listening addresses; `ca` is unused (the cluster CA issues).
+    pub settings: Settings,
+    /// Where the host's /proc is mounted, to find pods' network namespaces.
+    pub proc_root: PathBuf,
+    pub ca: CaClientConfig,
+}
+
+impl Source {
+    fn settings(&self) -> &Settings {
+        match self {
+            Source::File(config) => &config.settings,
+            Source::Kube(kube) => &kube.settings,
+        }
+    }
+}
+
+/// The discovery source in use, held so it runs; dropping it stops it.
+enum Running {
+    File(#[allow(dead_code)] LocalSource),
+    Kube(#[allow(dead_code)] KubeSource),
+}
+
+/// Trusts what the cluster CA says is its bundle (roots rotate there first).
+async fn follow_bundle(
+    mut bundle: watch::Receiver<Option<Arc<TrustBundle>>>,
+    trust: Arc<TrustStore>,
+) {
+    while bundle.changed().await.is_ok() {
+        let Some(current) = bundle.borrow_and_update().clone() else {
+            continue;
+        };
+        match TrustBundle::new(current.roots().to_vec()) {
+            Ok(copy) => {
+                info!(roots = copy.roots().len(), "trust bundle updated by the CA");
+                trust.replace(copy);
+            }
+            Err(e) => {
+                warn!(error = %e, "the CA's trust bundle is unusable; the one in force stays")
+            }
+        }
+    }
+}
+
+/// Runs the tunnel until SIGTERM or SIGINT, then drains.
+pub async fn run(source: Source, log: LogControl) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let tunnel = Tunnel::start(config, log).await?;
+    let tunnel = Tunnel::start(source, log).await?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM"),
         r = tokio::signal::ctrl_c() => { r.context("cannot listen for SIGINT")?; info!("SIGINT") }
@@ -257,6 +348,9 @@ struct Node {
     certs: CertManager,
     redirect: Option<Arc<Redirect>>,
     redirect_metrics: redirect::Metrics,
+    /// Only pods whose network namespace is known are enrolled (Kubernetes: a pod's
+    /// namespace is found in /proc shortly after it starts).
+    steered_only: bool,
     pods: HashMap<String, Pod>,
 }
 
@@ -267,7 +361,10 @@ impl Node {
         loop {
             let snapshot = state.load();
             let complete = self.reconcile(&snapshot);
-            if complete && let Some(condition) = enrolled.take() {
+            if complete
+                && snapshot.generation() > 0
+                && let Some(condition) = enrolled.take()
+            {
                 self.await_certificates().await;
                 condition.ready();
                 info!(pods = self.pods.len(), "local workloads enrolled");
@@ -291,7 +388,7 @@ impl Node {
     fn reconcile(&mut self, snapshot: &Snapshot) -> bool {
         let wanted: HashMap<String, PodSpec> = snapshot
             .local_workloads()
-            .filter(|w| w.meshed && !w.ips.is_empty())
+            .filter(|w| w.meshed && !w.ips.is_empty() && (w.netns.is_some() || !self.steered_only))
             .map(|w| (w.key(), PodSpec::of(w)))
             .collect();
         let stale: Vec<String> = self
@@ -448,6 +545,8 @@ impl Node {
         }
         let mut config = redirect::Config::for_node(&self.settings.node);
         config.pin_root = self.settings.bpf_pin_root.join(&self.settings.node);
+        config.excluded_peers = self.settings.excluded_peers.clone();
+        config.excluded_ports = self.settings.excluded_ports.clone();
         let redirect = Arc::new(
             Redirect::load(&config, self.redirect_metrics.clone())
                 .context("loading the eBPF steering programs")?,

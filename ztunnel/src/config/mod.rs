@@ -67,8 +67,6 @@ pub struct Settings {
     pub readiness_address: SocketAddr,
     /// Prometheus metrics (`/metrics`).
     pub metrics_address: SocketAddr,
-    /// SO_MARK on every socket the tunnel opens, so its own traffic is never steered.
-    pub socket_mark: u32,
     /// Where the eBPF programs and maps are pinned.
     pub bpf_pin_root: PathBuf,
     /// Initial log filter (tracing `EnvFilter` syntax); `/logging` changes it at run time.
@@ -77,9 +75,37 @@ pub struct Settings {
     pub socks5_address: Option<SocketAddr>,
     /// How long open connections may finish after SIGTERM before they are closed.
     pub drain_grace_period_seconds: u64,
+    /// Peers whose traffic is never steered, both ways (the node's own address, so the
+    /// kubelet's probes reach pods in STRICT namespaces).
+    pub excluded_peers: Vec<ipnet::IpNet>,
+    /// Outbound destination ports never steered.
+    pub excluded_ports: Vec<u16>,
 }
 
 /// A checked config file.
+impl Settings {
+    /// Every setting at its default, for node `node` (the Kubernetes mode, where no file
+    /// is read).
+    pub fn defaults(node: &str) -> Settings {
+        Settings {
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_string(),
+            node: node.to_string(),
+            root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
+            ca: None,
+            trust_bundle_file: None,
+            admin_address: DEFAULT_ADMIN_ADDRESS,
+            readiness_address: DEFAULT_READINESS_ADDRESS,
+            metrics_address: DEFAULT_METRICS_ADDRESS,
+            bpf_pin_root: PathBuf::from(DEFAULT_BPF_PIN_ROOT),
+            log_level: DEFAULT_LOG_LEVEL.to_string(),
+            socks5_address: None,
+            drain_grace_period_seconds: DEFAULT_DRAIN_GRACE_PERIOD_SECONDS,
+            excluded_peers: Vec::new(),
+            excluded_ports: Vec::new(),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     /// The file it came from (watched for changes).
@@ -94,7 +120,6 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 pub const DEFAULT_ADMIN_ADDRESS: SocketAddr = v4([127, 0, 0, 1], 15000);
 pub const DEFAULT_READINESS_ADDRESS: SocketAddr = v4([0, 0, 0, 0], 15021);
 pub const DEFAULT_METRICS_ADDRESS: SocketAddr = v4([0, 0, 0, 0], 15020);
-pub const DEFAULT_SOCKET_MARK: u32 = 0x539;
 pub const DEFAULT_BPF_PIN_ROOT: &str = "/sys/fs/bpf/ztunnel";
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 pub const DEFAULT_DRAIN_GRACE_PERIOD_SECONDS: u64 = 5;
@@ -121,8 +146,6 @@ struct File {
     readiness_address: SocketAddr,
     #[serde(default = "default_metrics")]
     metrics_address: SocketAddr,
-    #[serde(default = "default_mark")]
-    socket_mark: u32,
     #[serde(default = "default_pin_root")]
     bpf_pin_root: PathBuf,
     #[serde(default = "default_log_level")]
@@ -130,6 +153,10 @@ struct File {
     socks5_address: Option<SocketAddr>,
     #[serde(default = "default_drain_grace")]
     drain_grace_period_seconds: u64,
+    #[serde(default)]
+    excluded_peers: Vec<ipnet::IpNet>,
+    #[serde(default)]
+    excluded_ports: Vec<u16>,
     #[serde(default)]
     workloads: Vec<RawWorkload>,
     #[serde(default)]
@@ -152,9 +179,6 @@ fn default_readiness() -> SocketAddr {
 }
 fn default_metrics() -> SocketAddr {
     DEFAULT_METRICS_ADDRESS
-}
-fn default_mark() -> u32 {
-    DEFAULT_SOCKET_MARK
 }
 fn default_pin_root() -> PathBuf {
     PathBuf::from(DEFAULT_BPF_PIN_ROOT)
@@ -305,11 +329,12 @@ impl Checker<'_> {
             admin_address: file.admin_address,
             readiness_address: file.readiness_address,
             metrics_address: file.metrics_address,
-            socket_mark: file.socket_mark,
             bpf_pin_root: file.bpf_pin_root,
             log_level: file.log_level,
             socks5_address: file.socks5_address,
             drain_grace_period_seconds: file.drain_grace_period_seconds,
+            excluded_peers: file.excluded_peers,
+            excluded_ports: file.excluded_ports,
             trust_domain: file.trust_domain,
             node: file.node,
             root_namespace: file.root_namespace,

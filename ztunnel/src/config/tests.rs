@@ -15,7 +15,6 @@ fn defaults_fill_what_the_file_leaves_out() {
     assert_eq!(s.admin_address.to_string(), "127.0.0.1:15000");
     assert_eq!(s.readiness_address.to_string(), "0.0.0.0:15021");
     assert_eq!(s.metrics_address.to_string(), "0.0.0.0:15020");
-    assert_eq!(s.socket_mark, 1337);
     assert_eq!(s.bpf_pin_root, PathBuf::from("/sys/fs/bpf/ztunnel"));
     assert_eq!(s.log_level, "info");
     assert!(s.ca.is_none());

@@ -5,8 +5,7 @@
 //! [`crate::state::State::publish`], once at start and again after each change. The
 //! data path never sees a source, only the snapshots. Sources:
 //! - [`local`]: the local config file, watched on disk;
-//! - [`kube`]: the Kubernetes API (Pods, Namespaces, Services, EndpointSlices and the two
-//!   Istio policy resources).
+//! - [`crate::kube::discovery`]: the Kubernetes API (Pods, Namespaces, Services,
+//!   EndpointSlices and the two Istio policy resources), beside the other Kubernetes parts.
 
-pub mod kube;
 pub mod local;

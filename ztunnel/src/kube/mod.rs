@@ -1,5 +1,8 @@
-//! Running on Kubernetes: finding local pods' network namespaces from /proc, and the
-//! cluster CA service with its client.
+//! Running on Kubernetes: the API server as a discovery source, local pods' network
+//! namespaces found from /proc, and the cluster CA service with its client.
 
 pub mod ca;
+pub mod discovery;
 pub mod pod_netns;
+#[cfg(test)]
+mod test_api;

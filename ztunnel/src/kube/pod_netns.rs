@@ -122,11 +122,24 @@ pub struct Scan {
 #[derive(Clone, Debug)]
 pub struct ProcScanner {
     root: PathBuf,
+    host_netns: PathBuf,
 }
 
 impl ProcScanner {
+    /// Scans `root`; the host's network namespace is that of PID 1 (`<root>/1/ns/net`).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        ProcScanner { root: root.into() }
+        let root = root.into();
+        ProcScanner {
+            host_netns: root.join("1/ns/net"),
+            root,
+        }
+    }
+
+    /// Takes the host's network namespace from another link (where PID 1's cannot be
+    /// read, e.g. inside a container that is not the host's init).
+    pub fn with_host_netns(mut self, link: impl Into<PathBuf>) -> Self {
+        self.host_netns = link.into();
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -136,8 +149,8 @@ impl ProcScanner {
     /// Maps every local pod to its network namespace, skipping pods in the host's one.
     /// Processes that exit during the scan are skipped and counted in `unreadable`.
     pub fn scan(&self) -> Result<Scan, Error> {
-        let host_link = self.root.join("1/ns/net");
-        let host = read_netns_inode(&host_link).map_err(|e| match e {
+        let host_link = &self.host_netns;
+        let host = read_netns_inode(host_link).map_err(|e| match e {
             NetnsReadError::Io(source) => Error::HostNetns {
                 path: host_link.clone(),
                 source,
@@ -326,7 +339,7 @@ impl NetnsTracker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
@@ -336,12 +349,12 @@ mod tests {
 
     /// A fake /proc: `<pid>/cgroup` files and `<pid>/ns/net` links whose targets are
     /// named as the kernel names them (`net:[inode]`), pointing at real files.
-    struct FakeProc {
+    pub(crate) struct FakeProc {
         dir: tempfile::TempDir,
     }
 
     impl FakeProc {
-        fn new(host_inode: u64) -> Self {
+        pub(crate) fn new(host_inode: u64) -> Self {
             let fake = FakeProc {
                 dir: tempfile::tempdir().unwrap(),
             };
@@ -349,11 +362,11 @@ mod tests {
             fake
         }
 
-        fn root(&self) -> &Path {
+        pub(crate) fn root(&self) -> &Path {
             self.dir.path()
         }
 
-        fn process(&self, pid: u32, cgroup: &str, inode: u64) {
+        pub(crate) fn process(&self, pid: u32, cgroup: &str, inode: u64) {
             let dir = self.root().join(pid.to_string());
             std::fs::create_dir_all(dir.join("ns")).unwrap();
             std::fs::write(dir.join("cgroup"), cgroup).unwrap();
@@ -364,7 +377,7 @@ mod tests {
             symlink(&target, dir.join("ns/net")).unwrap();
         }
 
-        fn exit(&self, pid: u32) {
+        pub(crate) fn exit(&self, pid: u32) {
             std::fs::remove_dir_all(self.root().join(pid.to_string())).unwrap();
         }
     }

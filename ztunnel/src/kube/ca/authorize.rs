@@ -280,7 +280,7 @@ impl Authorizer {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::kube::ca::test_api::FakeApi;
+    use crate::kube::test_api::FakeApi;
     use serde_json::json;
 
     const NODE: &str = "worker-1";

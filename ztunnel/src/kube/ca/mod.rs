@@ -23,8 +23,6 @@ mod client;
 mod roots;
 mod server;
 #[cfg(test)]
-mod test_api;
-#[cfg(test)]
 mod tests;
 
 use rustls_pki_types::CertificateDer;

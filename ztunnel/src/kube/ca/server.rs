@@ -49,8 +49,9 @@ pub struct CaServerConfig {
     pub dns_names: Vec<String>,
     /// Lifetime of issued workload certificates (and of the service's own).
     pub cert_lifetime: Duration,
-    /// Deadline for a client's TLS handshake and request headers.
-    pub handshake_timeout: Duration,
+    /// Deadline for each of a client's TLS handshake, request headers and request body:
+    /// a client that stalls is answered 408 or dropped.
+    pub client_timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -198,7 +199,7 @@ impl CaServer {
             let server = self.clone();
             tokio::spawn(async move {
                 let acceptor = TlsAcceptor::from(server.signing.load().tls.clone());
-                let deadline = server.config.handshake_timeout;
+                let deadline = server.config.client_timeout;
                 let tls = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -274,21 +275,29 @@ impl CaServer {
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::MissingToken)?
             .to_string();
-        let body = Limited::new(request.into_body(), MAX_REQUEST_BODY)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    Refusal {
-                        status: StatusCode::PAYLOAD_TOO_LARGE,
-                        reason: "too_large",
-                        message: format!("request body exceeds {MAX_REQUEST_BODY} bytes"),
-                    }
-                } else {
-                    Refusal::bad_request(format!("cannot read the request body: {e}"))
+        let deadline = self.config.client_timeout;
+        let body = tokio::time::timeout(
+            deadline,
+            Limited::new(request.into_body(), MAX_REQUEST_BODY).collect(),
+        )
+        .await
+        .map_err(|_| Refusal {
+            status: StatusCode::REQUEST_TIMEOUT,
+            reason: "request_timeout",
+            message: format!("request body not received within {deadline:?}"),
+        })?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Refusal {
+                    status: StatusCode::PAYLOAD_TOO_LARGE,
+                    reason: "too_large",
+                    message: format!("request body exceeds {MAX_REQUEST_BODY} bytes"),
                 }
-            })?
-            .to_bytes();
+            } else {
+                Refusal::bad_request(format!("cannot read the request body: {e}"))
+            }
+        })?
+        .to_bytes();
         let caller = self.authorizer.authenticate(&token).await?;
         let request: SignRequest = serde_json::from_slice(&body)
             .map_err(|e| Refusal::bad_request(format!("request is not a sign request: {e}")))?;

@@ -12,9 +12,9 @@ use serde_json::{Value, json};
 
 use super::authorize::tests::config as authorizer_config;
 use super::client::verify_leaf;
-use super::test_api::FakeApi;
 use super::*;
 use crate::identity::{CertManager, Identity, TrustBundle, TrustStore};
+use crate::kube::test_api::FakeApi;
 
 const SERVER_NAME: &str = "ztunnel-ca.ztunnel-system.svc";
 const BUNDLE: &str = "ztunnel-trust-bundle";
@@ -38,7 +38,7 @@ async fn start(api: &FakeApi, roots: RootSecret) -> Running {
         secret: "ztunnel-system/ztunnel-ca".into(),
         dns_names: vec![SERVER_NAME.into(), "ztunnel-ca".into()],
         cert_lifetime: Duration::from_secs(3600),
-        handshake_timeout: Duration::from_secs(5),
+        client_timeout: Duration::from_secs(3),
     };
     let authorizer = Authorizer::new(api.client(), authorizer_config());
     let server = CaServer::new(
@@ -203,15 +203,16 @@ async fn refusals_reach_the_client_with_status_and_reason_and_are_counted() {
     assert_eq!(running.server.metrics().requests("issued"), 0);
 }
 
-/// One raw HTTPS request to the service, trusting `roots`.
-async fn raw(
+/// An HTTP/1.1 connection over TLS to the service, trusting `roots`.
+async fn http1_sender<B>(
     running: &Running,
     roots: &RootSecret,
-    method: Method,
-    path: &str,
-    token: Option<&str>,
-    body: Vec<u8>,
-) -> (StatusCode, Value) {
+) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let store = Arc::new(
         TrustBundle::new(roots.bundle.clone())
             .unwrap()
@@ -230,10 +231,23 @@ async fn raw(
         .connect(ServerName::try_from(SERVER_NAME).unwrap(), tcp)
         .await
         .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
     tokio::spawn(connection);
+    sender
+}
+
+/// One raw HTTPS request to the service, trusting `roots`.
+async fn raw(
+    running: &Running,
+    roots: &RootSecret,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> (StatusCode, Value) {
+    let mut sender = http1_sender(running, roots).await;
     let mut request = Request::builder()
         .method(method)
         .uri(path)
@@ -378,6 +392,37 @@ async fn malformed_requests_get_clear_errors() {
             .unwrap()
             .contains("BEGIN CERTIFICATE")
     );
+}
+
+#[tokio::test]
+async fn a_client_that_stalls_its_body_is_answered_408() {
+    let api = FakeApi::cluster();
+    let roots = RootSecret::generate("cluster.local").unwrap();
+    let running = start(&api, roots.clone()).await;
+    let mut sender = http1_sender(&running, &roots).await;
+    // Promises 100 bytes and never sends them.
+    let stalled = http_body_util::StreamBody::new(futures::stream::pending::<
+        Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+    >());
+    let request = Request::post(SIGN_PATH)
+        .header(header::HOST, SERVER_NAME)
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", FakeApi::TUNNEL_TOKEN),
+        )
+        .header(header::CONTENT_LENGTH, "100")
+        .body(stalled)
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+        .await
+        .expect("answered within the client deadline")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["error"], "request body not received within 3s");
+    assert_eq!(running.server.metrics().requests("request_timeout"), 1);
+    assert!(api.calls().is_empty(), "nothing reached the API server");
 }
 
 #[tokio::test]

@@ -7,8 +7,11 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
 
 #[derive(Default)]
 struct State {
@@ -19,6 +22,22 @@ struct State {
     next_version: u64,
     /// (method, path, query, body) of every request.
     requests: Vec<(Method, String, String, Value)>,
+    /// Open watches: (resource, where their events go).
+    watches: Vec<(String, mpsc::UnboundedSender<Bytes>)>,
+    /// Requests for a resource that are answered 503 before it is served.
+    unavailable: BTreeMap<String, usize>,
+}
+
+/// What a request answers: a JSON document, or a watch's event stream.
+enum Answer {
+    Json(StatusCode, Value),
+    Watch(mpsc::UnboundedReceiver<Bytes>),
+}
+
+impl From<(StatusCode, Value)> for Answer {
+    fn from((code, value): (StatusCode, Value)) -> Self {
+        Answer::Json(code, value)
+    }
 }
 
 #[derive(Clone)]
@@ -83,12 +102,17 @@ impl FakeApi {
     pub(crate) const GONE_POD_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.gone";
     pub(crate) const REPLACED_POD_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.replaced";
 
+    /// An API server that holds nothing yet.
+    pub(crate) fn empty() -> Self {
+        FakeApi {
+            state: Arc::new(Mutex::new(State::default())),
+        }
+    }
+
     /// A two-worker cluster: the tunnel on worker-1 and worker-2, payments and a
     /// finished batch job on worker-1, orders on worker-2.
     pub(crate) fn cluster() -> Self {
-        let api = FakeApi {
-            state: Arc::new(Mutex::new(State::default())),
-        };
+        let api = FakeApi::empty();
         let bound = |pod: &str, uid: &str| {
             json!({
                 "authentication.kubernetes.io/credential-id": ["JTI=4d3c2b1a-aaaa-4bbb-8ccc-dddddddddddd"],
@@ -214,7 +238,7 @@ impl FakeApi {
     pub(crate) fn put_object(&self, resource: &str, object: Value) {
         let ns = object["metadata"]["namespace"]
             .as_str()
-            .unwrap()
+            .unwrap_or_default()
             .to_string();
         let name = object["metadata"]["name"].as_str().unwrap().to_string();
         self.state
@@ -266,6 +290,42 @@ impl FakeApi {
             .collect()
     }
 
+    /// Adds or replaces an object and tells the open watches of its resource.
+    pub(crate) fn apply(&self, resource: &str, object: Value) {
+        self.put_object(resource, object.clone());
+        self.emit(resource, "MODIFIED", object);
+    }
+
+    /// Deletes an object and tells the open watches of its resource.
+    pub(crate) fn delete(&self, resource: &str, namespace: &str, name: &str) {
+        let removed = self.state.lock().unwrap().objects.remove(&(
+            resource.into(),
+            namespace.into(),
+            name.into(),
+        ));
+        if let Some(object) = removed {
+            self.emit(resource, "DELETED", object);
+        }
+    }
+
+    fn emit(&self, resource: &str, kind: &str, object: Value) {
+        let mut line = json!({"type": kind, "object": object}).to_string();
+        line.push('\n');
+        let mut state = self.state.lock().unwrap();
+        state
+            .watches
+            .retain(|(r, tx)| r != resource || tx.send(Bytes::from(line.clone())).is_ok());
+    }
+
+    /// The next `count` requests for `resource` are answered 503.
+    pub(crate) fn unavailable(&self, resource: &str, count: usize) {
+        self.state
+            .lock()
+            .unwrap()
+            .unavailable
+            .insert(resource.to_string(), count);
+    }
+
     /// A real kube client whose transport is this fake.
     pub(crate) fn client(&self) -> ::kube::Client {
         let api = self.clone();
@@ -275,16 +335,29 @@ impl FakeApi {
                 let (parts, body) = request.into_parts();
                 let bytes = body.collect().await.unwrap().to_bytes();
                 let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                let (code, answer) = api.answer(
+                let answer = api.answer(
                     &parts.method,
                     parts.uri.path(),
                     parts.uri.query().unwrap_or(""),
                     body,
                 );
-                let response = Response::builder()
+                let (code, body) = match answer {
+                    Answer::Json(code, value) => (
+                        code,
+                        Full::new(Bytes::from(value.to_string())).boxed_unsync(),
+                    ),
+                    Answer::Watch(events) => {
+                        let frames = futures::stream::unfold(events, |mut events| async move {
+                            let line = events.recv().await?;
+                            Some((Ok::<_, Infallible>(Frame::data(line)), events))
+                        });
+                        (StatusCode::OK, StreamBody::new(frames).boxed_unsync())
+                    }
+                };
+                let response: Response<UnsyncBoxBody<Bytes, Infallible>> = Response::builder()
                     .status(code)
                     .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(answer.to_string())))
+                    .body(body)
                     .unwrap();
                 Ok::<_, Infallible>(response)
             }
@@ -292,17 +365,31 @@ impl FakeApi {
         ::kube::Client::new(service, "default")
     }
 
-    fn answer(&self, method: &Method, path: &str, query: &str, body: Value) -> (StatusCode, Value) {
+    fn answer(&self, method: &Method, path: &str, query: &str, body: Value) -> Answer {
         let mut state = self.state.lock().unwrap();
         state
             .requests
             .push((method.clone(), path.into(), query.into(), body.clone()));
         if state.failing {
-            return status(500, "InternalError", "etcdserver: request timed out");
+            return status(500, "InternalError", "etcdserver: request timed out").into();
         }
-        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        match (method, segments.as_slice()) {
-            (&Method::POST, ["apis", "authentication.k8s.io", "v1", "tokenreviews"]) => {
+        let Some((resource, namespace, name)) = route(path) else {
+            return status(404, "NotFound", &format!("no route for {method} {path}")).into();
+        };
+        if let Some(left) = state.unavailable.get_mut(&resource)
+            && *left > 0
+        {
+            *left -= 1;
+            return status(
+                503,
+                "ServiceUnavailable",
+                "the server is currently unable to handle the request",
+            )
+            .into();
+        }
+        let ns = namespace.clone().unwrap_or_default();
+        match (method, name) {
+            (&Method::POST, None) if resource == "tokenreviews" => {
                 let token = body["spec"]["token"].as_str().unwrap_or_default();
                 let review_status = state.tokens.get(token).cloned().unwrap_or_else(|| {
                     json!({"user": {}, "error": "[invalid bearer token, service account token has expired]"})
@@ -310,56 +397,68 @@ impl FakeApi {
                 let mut review = body.clone();
                 review["metadata"] = json!({"creationTimestamp": null});
                 review["status"] = review_status;
-                (StatusCode::CREATED, review)
+                (StatusCode::CREATED, review).into()
             }
-            (&Method::GET, ["api", "v1", "namespaces", ns, resource]) => {
+            (&Method::GET, None) if query.contains("watch=true") => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                state.watches.push((resource, tx));
+                Answer::Watch(rx)
+            }
+            (&Method::GET, None) => {
                 let selector = field_selector(query);
                 let items: Vec<Value> = state
                     .objects
                     .iter()
-                    .filter(|((r, n, _), _)| r == resource && n == ns)
+                    .filter(|((r, n, _), _)| {
+                        *r == resource && namespace.as_ref().is_none_or(|ns| ns == n)
+                    })
                     .map(|(_, object)| object.clone())
                     .filter(|object| match &selector {
                         Some(node) => object["spec"]["nodeName"] == json!(node),
                         None => true,
                     })
                     .collect();
-                let kind = format!("{}List", kind_of(resource));
+                let kind = format!("{}List", kind_of(&resource));
                 (
                     StatusCode::OK,
                     json!({"kind": kind, "apiVersion": "v1",
                            "metadata": {"resourceVersion": "5000"}, "items": items}),
                 )
+                    .into()
             }
-            (&Method::GET, ["api", "v1", "namespaces", ns, resource, name]) => {
-                match state
-                    .objects
-                    .get(&(resource.to_string(), ns.to_string(), name.to_string()))
-                {
-                    Some(object) => (StatusCode::OK, object.clone()),
-                    None => status(404, "NotFound", &format!("{resource} \"{name}\" not found")),
+            (&Method::GET, Some(name)) => {
+                match state.objects.get(&(resource.clone(), ns, name.clone())) {
+                    Some(object) => (StatusCode::OK, object.clone()).into(),
+                    None => {
+                        status(404, "NotFound", &format!("{resource} \"{name}\" not found")).into()
+                    }
                 }
             }
-            (&Method::POST, ["api", "v1", "namespaces", ns, resource]) => {
-                let name = body["metadata"]["name"].as_str().unwrap_or_default();
-                let key = (resource.to_string(), ns.to_string(), name.to_string());
+            (&Method::POST, None) => {
+                let name = body["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let key = (resource.clone(), ns, name.clone());
                 if state.objects.contains_key(&key) {
                     return status(
                         409,
                         "AlreadyExists",
                         &format!("{resource} \"{name}\" already exists"),
-                    );
+                    )
+                    .into();
                 }
                 state.next_version += 1;
                 let mut object = body.clone();
                 object["metadata"]["resourceVersion"] = json!(state.next_version.to_string());
                 state.objects.insert(key, object.clone());
-                (StatusCode::CREATED, object)
+                (StatusCode::CREATED, object).into()
             }
-            (&Method::PUT, ["api", "v1", "namespaces", ns, resource, name]) => {
-                let key = (resource.to_string(), ns.to_string(), name.to_string());
+            (&Method::PUT, Some(name)) => {
+                let key = (resource.clone(), ns, name.clone());
                 let Some(current) = state.objects.get(&key) else {
-                    return status(404, "NotFound", &format!("{resource} \"{name}\" not found"));
+                    return status(404, "NotFound", &format!("{resource} \"{name}\" not found"))
+                        .into();
                 };
                 let sent = &body["metadata"]["resourceVersion"];
                 if !sent.is_null() && *sent != current["metadata"]["resourceVersion"] {
@@ -369,16 +468,37 @@ impl FakeApi {
                         &format!(
                             "Operation cannot be fulfilled on {resource} \"{name}\": the object has been modified"
                         ),
-                    );
+                    )
+                    .into();
                 }
                 state.next_version += 1;
                 let mut object = body.clone();
                 object["metadata"]["resourceVersion"] = json!(state.next_version.to_string());
                 state.objects.insert(key, object.clone());
-                (StatusCode::OK, object)
+                (StatusCode::OK, object).into()
             }
-            _ => status(404, "NotFound", &format!("no route for {method} {path}")),
+            _ => status(404, "NotFound", &format!("no route for {method} {path}")).into(),
         }
+    }
+}
+
+/// (resource, namespace, name) of an API path: `/api/v1/...` or `/apis/<group>/<version>/...`.
+fn route(path: &str) -> Option<(String, Option<String>, Option<String>)> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let rest = match segments.as_slice() {
+        ["api", "v1", rest @ ..] => rest,
+        ["apis", _, _, rest @ ..] => rest,
+        _ => return None,
+    };
+    let owned = |s: &&str| s.to_string();
+    match rest {
+        [resource] => Some((resource.to_string(), None, None)),
+        ["namespaces", name] => Some(("namespaces".into(), None, Some(owned(name)))),
+        ["namespaces", ns, resource] => Some((owned(resource), Some(owned(ns)), None)),
+        ["namespaces", ns, resource, name] => {
+            Some((owned(resource), Some(owned(ns)), Some(owned(name))))
+        }
+        _ => None,
     }
 }
 
@@ -387,6 +507,11 @@ fn kind_of(resource: &str) -> &'static str {
         "pods" => "Pod",
         "secrets" => "Secret",
         "configmaps" => "ConfigMap",
+        "namespaces" => "Namespace",
+        "services" => "Service",
+        "endpointslices" => "EndpointSlice",
+        "peerauthentications" => "PeerAuthentication",
+        "authorizationpolicies" => "AuthorizationPolicy",
         _ => "Unknown",
     }
 }
