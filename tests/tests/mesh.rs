@@ -22,11 +22,12 @@ const WEB_PORT: u16 = 8080;
 /// How long any one step of an exchange may take.
 const STEP: Duration = Duration::from_secs(3);
 
+/// Dropped in field order: the tunnels stop before the namespaces go.
 struct Setup {
-    cluster: Cluster,
     mesh: Mesh,
     payments: Echo,
     web: Echo,
+    cluster: Cluster,
 }
 
 impl Setup {
@@ -47,10 +48,10 @@ impl Setup {
         let payments = Echo::start(cluster.pod(0, 1), PAYMENTS_PORT);
         let web = Echo::start(cluster.pod(1, 0), WEB_PORT);
         Setup {
-            cluster,
             mesh,
             payments,
             web,
+            cluster,
         }
     }
 

@@ -123,7 +123,7 @@ fn main() -> Result<()> {
             .with_context(|| format!("cannot write {}", file.display()))?;
         println!("figures written to {}", file.display());
     }
-    runtime.block_on(async { drop(mesh) });
+    drop(mesh);
     drop(cluster);
     Ok(())
 }
