@@ -294,8 +294,10 @@ async fn two_tunnels_carry_policy_checked_mtls_and_apply_edits_live() {
 
 #[tokio::test]
 async fn sigterm_drains_and_exits() {
+    // node-c runs none of the workloads, so this tunnel binds no workload address the
+    // other test's tunnels use.
     let dir = with_ca();
-    let mut a = start(dir.path(), "node-a", 12, true, "");
+    let mut a = start(dir.path(), "node-c", 12, true, "");
     wait_ready(&a).await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(a.child.id() as i32),
