@@ -146,7 +146,7 @@ impl ProcScanner {
         &self.root
     }
 
-    /// Maps every local pod to its network namespace, skipping pods in the host's one.
+    /// Maps every local pod to its network namespace, leaving out pods in the host's one.
     /// Processes that exit during the scan are skipped and counted in `unreadable`.
     pub fn scan(&self) -> Result<Scan, Error> {
         let host_link = &self.host_netns;
