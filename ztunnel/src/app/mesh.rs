@@ -8,6 +8,7 @@ use tokio::sync::watch;
 
 use crate::identity::Identity;
 use crate::netns::Netns;
+use crate::policy::Decision;
 use crate::proxy::{LocalWorkload, Mesh, Route, Verdict};
 use crate::state::{State, Transport};
 
@@ -57,6 +58,18 @@ impl StateMesh {
     }
 }
 
+fn verdict(decision: Decision) -> Verdict {
+    let policy = decision.policy.map(|p| p.to_string());
+    if decision.allowed {
+        Verdict::Allow { policy }
+    } else {
+        Verdict::Deny {
+            policy,
+            reason: decision.reason,
+        }
+    }
+}
+
 impl Mesh for StateMesh {
     fn local_workload(&self, ip: IpAddr) -> Option<LocalWorkload> {
         let snapshot = self.state.load();
@@ -100,16 +113,16 @@ impl Mesh for StateMesh {
         source: Option<&Identity>,
         destination: SocketAddr,
     ) -> Verdict {
-        let decision = self.state.load().authorize(source_ip, source, destination);
-        let policy = decision.policy.map(|p| p.to_string());
-        if decision.allowed {
-            Verdict::Allow { policy }
-        } else {
-            Verdict::Deny {
-                policy,
-                reason: decision.reason,
-            }
-        }
+        verdict(self.state.load().authorize(source_ip, source, destination))
+    }
+
+    fn reauthorize(
+        &self,
+        source_ip: IpAddr,
+        source: Option<&Identity>,
+        destination: SocketAddr,
+    ) -> Verdict {
+        verdict(self.state.load().decide(source_ip, source, destination))
     }
 
     fn updates(&self) -> watch::Receiver<u64> {

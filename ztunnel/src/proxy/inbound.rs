@@ -200,7 +200,7 @@ impl Proxy {
         let mut updates = self.inner.mesh.updates();
         while updates.changed().await.is_ok() {
             if let Verdict::Deny { policy, reason } =
-                self.inner.mesh.authorize(source_ip, source, destination)
+                self.inner.mesh.reauthorize(source_ip, source, destination)
             {
                 info!(%source_ip, %destination, ?policy, %reason, "open connection closed by a policy change");
                 return Error::Denied { policy, reason };

@@ -95,6 +95,16 @@ pub trait Mesh: Send + Sync + 'static {
         source: Option<&Identity>,
         destination: SocketAddr,
     ) -> Verdict;
+    /// The same decision for a connection already open, asked again after a policy
+    /// change: AUDIT and dry-run matches were logged when it opened and are not again.
+    fn reauthorize(
+        &self,
+        source_ip: IpAddr,
+        source: Option<&Identity>,
+        destination: SocketAddr,
+    ) -> Verdict {
+        self.authorize(source_ip, source, destination)
+    }
     /// Changes whenever policies change: open inbound connections are authorized
     /// again and those now denied are closed.
     fn updates(&self) -> tokio::sync::watch::Receiver<u64>;
