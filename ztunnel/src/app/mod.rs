@@ -386,26 +386,26 @@ impl Node {
     /// Enrols new local meshed workloads, re-enrols changed ones, releases the gone.
     /// Returns whether every workload is enrolled.
     fn reconcile(&mut self, snapshot: &Snapshot) -> bool {
-        let wanted: HashMap<String, PodSpec> = snapshot
+        let wanted: HashMap<String, (PodSpec, &Workload)> = snapshot
             .local_workloads()
             .filter(|w| w.meshed && !w.ips.is_empty() && (w.netns.is_some() || !self.steered_only))
-            .map(|w| (w.key(), PodSpec::of(w)))
+            .map(|w| (w.key(), (PodSpec::of(w), &**w)))
             .collect();
         let stale: Vec<String> = self
             .pods
             .iter()
-            .filter(|(key, pod)| wanted.get(*key) != Some(&pod.spec))
+            .filter(|(key, pod)| wanted.get(*key).map(|(spec, _)| spec) != Some(&pod.spec))
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {
             self.release(&key);
         }
         let mut complete = true;
-        for (key, spec) in wanted {
+        for (key, (spec, workload)) in wanted {
             if self.pods.contains_key(&key) {
                 continue;
             }
-            match self.enrol(&key, &spec, snapshot) {
+            match self.enrol(&key, &spec, workload) {
                 Ok(pod) => {
                     info!(workload = %key, identity = %spec.identity, steered = pod.steered, "workload enrolled");
                     self.pods.insert(key, pod);
@@ -419,16 +419,11 @@ impl Node {
         complete
     }
 
-    fn enrol(&mut self, key: &str, spec: &PodSpec, snapshot: &Snapshot) -> Result<Pod> {
-        let workload = snapshot
-            .local_workloads()
-            .find(|w| w.key() == key)
-            .with_context(|| format!("workload {key} left the state while being enrolled"))?
-            .clone();
+    fn enrol(&mut self, key: &str, spec: &PodSpec, workload: &Workload) -> Result<Pod> {
         self.certs.hold(&spec.identity);
         let pod = match &spec.netns {
-            Some(netns) => self.enrol_steered(key, spec, netns, &workload),
-            None => self.enrol_unsteered(spec, &workload),
+            Some(netns) => self.enrol_steered(key, spec, netns, workload),
+            None => self.enrol_unsteered(spec),
         };
         if pod.is_err() {
             self.certs.release(&spec.identity);
@@ -498,7 +493,7 @@ impl Node {
 
     /// A workload without a network namespace (no eBPF: its traffic reaches the tunnel
     /// through SOCKS5): only its inbound HBONE listeners, in the tunnel's namespace.
-    fn enrol_unsteered(&self, spec: &PodSpec, _workload: &Workload) -> Result<Pod> {
+    fn enrol_unsteered(&self, spec: &PodSpec) -> Result<Pod> {
         let mut tasks = Vec::new();
         for ip in &spec.ips {
             let address = SocketAddr::new(*ip, HBONE_PORT);
