@@ -8,6 +8,7 @@ pub mod app;
 pub mod check;
 pub mod config;
 pub mod discovery;
+pub mod file_watch;
 pub mod hbone;
 pub mod identity;
 pub mod kube;

@@ -22,10 +22,10 @@ pub use mesh::StateMesh;
 use crate::admin::{self, Admin, LogControl, Readiness};
 use crate::config::{Config, Settings};
 use crate::discovery::local::LocalSource;
+use crate::file_watch::FileWatcher;
 use crate::hbone::Mtls;
 use crate::identity::{
-    self, CertManager, CertificateAuthority, FileWatcher, Identity, InProcessCa, TrustBundle,
-    TrustStore,
+    self, CertManager, CertificateAuthority, Identity, InProcessCa, TrustBundle, TrustStore,
 };
 use crate::kube::ca::{CaClient, CaClientConfig};
 use crate::kube::discovery::{self, KubeSource};

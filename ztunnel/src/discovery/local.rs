@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use notify::{EventKind, RecursiveMode, Watcher};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
@@ -13,6 +12,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::config::{self, Config, Settings};
+use crate::file_watch::{self, FileWatcher};
 use crate::state::State;
 
 /// Edits often arrive as several events (truncate, write, rename): wait this long for
@@ -55,7 +55,7 @@ impl Metrics {
 
 /// The watched config file. Dropping it stops the watch.
 pub struct LocalSource {
-    _watcher: notify::RecommendedWatcher,
+    _watcher: FileWatcher,
     task: JoinHandle<()>,
 }
 
@@ -76,33 +76,10 @@ impl LocalSource {
     ) -> Result<LocalSource, Error> {
         let metrics = Metrics::register(registry);
         let path = config.path.clone();
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let (tx, rx) = mpsc::unbounded_channel();
-        // The directory is watched, not the file: editors and Kubernetes ConfigMaps
-        // replace the file by a rename, which a watch on the old inode would miss.
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                let relevant = match &event {
-                    Ok(e) => !matches!(e.kind, EventKind::Access(_)),
-                    Err(_) => true,
-                };
-                if relevant {
-                    let _ = tx.send(event.map(|_| ()));
-                }
-            })
-            .map_err(|source| Error::Watch {
-                path: path.clone(),
-                source,
-            })?;
-        watcher
-            .watch(&dir, RecursiveMode::NonRecursive)
-            .map_err(|source| Error::Watch {
-                path: path.clone(),
-                source,
-            })?;
+        let (watcher, rx) = file_watch::watch(&path).map_err(|source| Error::Watch {
+            path: path.clone(),
+            source,
+        })?;
         state.publish(config.resources.clone());
         let last = std::fs::read_to_string(&path).unwrap_or_default();
         let reloader = Reloader {

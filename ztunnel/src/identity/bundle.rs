@@ -6,12 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use std::time::Duration;
 
-use std::sync::mpsc;
+use arc_swap::ArcSwap;
 
-use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use crate::file_watch::{self, FileWatcher};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::{self, PemObject, SectionKind};
@@ -140,12 +139,11 @@ impl TrustStore {
         Ok(())
     }
 
-    /// Watches the bundle's file and reloads it when its contents change; `on_error` hears
-    /// of every reload that failed (the bundle in force then stays). The directory is
-    /// watched, not the file, so replacing the file (editors, Kubernetes ConfigMap
-    /// updates) is seen; changes are read once the directory has been quiet for
-    /// [`WATCH_DEBOUNCE`], so a file caught half-written is not read. Watching stops when
-    /// the returned watcher is dropped.
+    /// Watches the bundle's file ([`file_watch`]) and reloads it when its contents change;
+    /// `on_error` hears of every reload that failed (the bundle in force then stays).
+    /// Changes are read once the directory has been quiet for [`WATCH_DEBOUNCE`], so a
+    /// file caught half-written is not read. Watching stops when the returned watcher is
+    /// dropped. Needs a tokio runtime.
     pub fn watch(
         self: &Arc<Self>,
         on_error: impl Fn(&Error) + Send + 'static,
@@ -153,57 +151,37 @@ impl TrustStore {
         let Some(path) = self.path.clone() else {
             return Ok(None);
         };
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_path_buf();
-        let watch_error = |e: notify::Error| Error::Read {
-            path: dir.clone(),
+        let (watcher, mut changes) = file_watch::watch(&path).map_err(|e| Error::Read {
+            path: path.clone(),
             source: std::io::Error::other(format!("cannot watch: {e}")),
-        };
-        let (tx, changes) = mpsc::channel::<()>();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                // Reads (the reload's own among them) are not changes.
-                if event.is_ok_and(|e| !e.kind.is_access()) {
-                    let _ = tx.send(());
-                }
-            })
-            .map_err(watch_error)?;
-        watcher
-            .watch(&dir, RecursiveMode::NonRecursive)
-            .map_err(watch_error)?;
+        })?;
         let store = Arc::downgrade(self);
         let mut last = std::fs::read(&path).ok();
-        std::thread::Builder::new()
-            .name("trust-bundle-watch".into())
-            .spawn(move || {
-                // Ends when the watcher, and with it the sender, is dropped.
-                while changes.recv().is_ok() {
-                    while changes.recv_timeout(WATCH_DEBOUNCE).is_ok() {}
-                    let Some(store) = store.upgrade() else { return };
-                    let now = std::fs::read(&path).ok();
-                    if now == last {
-                        continue;
+        // Ends when the watcher, and with it the channel, is dropped.
+        tokio::spawn(async move {
+            while changes.recv().await.is_some() {
+                tokio::time::sleep(WATCH_DEBOUNCE).await;
+                while changes.try_recv().is_ok() {}
+                let Some(store) = store.upgrade() else { return };
+                let now = std::fs::read(&path).ok();
+                if now == last {
+                    continue;
+                }
+                last = now;
+                match store.reload() {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), roots = store.current().roots().len(), "trust bundle reloaded")
                     }
-                    last = now;
-                    match store.reload() {
-                        Ok(()) => tracing::info!(path = %path.display(), roots = store.current().roots().len(), "trust bundle reloaded"),
-                        Err(e) => {
-                            tracing::error!(error = %e, "trust bundle not reloaded, the previous one stays in force");
-                            on_error(&e);
-                        }
+                    Err(e) => {
+                        tracing::error!(error = %e, "trust bundle not reloaded, the previous one stays in force");
+                        on_error(&e);
                     }
                 }
-            })
-            .map_err(|source| Error::Read { path: dir.clone(), source })?;
+            }
+        });
         Ok(Some(watcher))
     }
 }
-
-/// A running file watch; dropping it stops the watch.
-pub type FileWatcher = RecommendedWatcher;
 
 /// How long a watched directory must be quiet before a changed file is read again.
 pub const WATCH_DEBOUNCE: Duration = Duration::from_millis(200);
