@@ -125,6 +125,20 @@ impl Mesh for StateMesh {
         verdict(self.state.load().decide(source_ip, source, destination))
     }
 
+    fn http_enforced(&self, _destination: SocketAddr) -> bool {
+        false
+    }
+
+    fn authorize_request(
+        &self,
+        source_ip: IpAddr,
+        source: Option<&Identity>,
+        destination: SocketAddr,
+        _request: &http::request::Parts,
+    ) -> Verdict {
+        verdict(self.state.load().authorize(source_ip, source, destination))
+    }
+
     fn updates(&self) -> watch::Receiver<u64> {
         self.state.subscribe()
     }

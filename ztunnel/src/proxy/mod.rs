@@ -105,6 +105,21 @@ pub trait Mesh: Send + Sync + 'static {
     ) -> Verdict {
         self.authorize(source_ip, source, destination)
     }
+    /// Whether requests to `destination` are decided one by one (the port speaks HTTP
+    /// and a policy selecting the workload has HTTP fields, and the tunnel enforces L7).
+    /// Asked again for every new connection: a policy change applies at once.
+    fn http_enforced(&self, destination: SocketAddr) -> bool;
+    /// The decision for one HTTP request from `source_ip` (proving `source`, if any) to
+    /// `destination`, against the whole policy set of the current snapshot. A denial's
+    /// reason names the rule and the field that failed; a path that cannot be
+    /// normalized is denied with a reason naming the path.
+    fn authorize_request(
+        &self,
+        source_ip: IpAddr,
+        source: Option<&Identity>,
+        destination: SocketAddr,
+        request: &http::request::Parts,
+    ) -> Verdict;
     /// Changes whenever policies change: open inbound connections are authorized
     /// again and those now denied are closed.
     fn updates(&self) -> tokio::sync::watch::Receiver<u64>;

@@ -36,6 +36,8 @@ pub struct TestMesh {
     routes: Mutex<HashMap<SocketAddr, Route>>,
     strict: AtomicBool,
     denied: Mutex<HashSet<SocketAddr>>,
+    /// Per destination: request paths starting with one of these are denied.
+    denied_paths: Mutex<HashMap<SocketAddr, Vec<String>>>,
     updates: watch::Sender<u64>,
 }
 
@@ -46,6 +48,7 @@ impl TestMesh {
             routes: Mutex::default(),
             strict: AtomicBool::new(false),
             denied: Mutex::default(),
+            denied_paths: Mutex::default(),
             updates: watch::Sender::new(0),
         })
     }
@@ -73,6 +76,19 @@ impl TestMesh {
     /// proxy policies changed.
     pub fn deny(&self, destination: SocketAddr) {
         self.denied.lock().unwrap().insert(destination);
+        self.updates.send_modify(|v| *v += 1);
+    }
+
+    /// Decides requests to `destination` one by one from now on, denying those whose
+    /// path starts with `prefix` (policy `deny-path-test`); tells the proxy policies
+    /// changed.
+    pub fn deny_path(&self, destination: SocketAddr, prefix: &str) {
+        self.denied_paths
+            .lock()
+            .unwrap()
+            .entry(destination)
+            .or_default()
+            .push(prefix.to_owned());
         self.updates.send_modify(|v| *v += 1);
     }
 }
@@ -103,6 +119,38 @@ impl Mesh for TestMesh {
             }
         } else {
             Verdict::Allow { policy: None }
+        }
+    }
+
+    fn http_enforced(&self, destination: SocketAddr) -> bool {
+        self.denied_paths.lock().unwrap().contains_key(&destination)
+    }
+
+    fn authorize_request(
+        &self,
+        ip: IpAddr,
+        source: Option<&Identity>,
+        dst: SocketAddr,
+        request: &http::request::Parts,
+    ) -> Verdict {
+        let path = request.uri.path();
+        let denied = self
+            .denied_paths
+            .lock()
+            .unwrap()
+            .get(&dst)
+            .and_then(|prefixes| {
+                prefixes
+                    .iter()
+                    .find(|p| path.starts_with(p.as_str()))
+                    .cloned()
+            });
+        match denied {
+            Some(prefix) => Verdict::Deny {
+                policy: Some("default/deny-path-test".to_owned()),
+                reason: format!("rule 0 of default/deny-path-test: path {path} matches {prefix}*"),
+            },
+            None => self.authorize(ip, source, dst),
         }
     }
 
