@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use crate::identity::Identity;
 use crate::netns::Netns;
 use crate::policy::Decision;
-use crate::proxy::{LocalWorkload, Mesh, Route, Verdict};
+use crate::proxy::{KnownWorkload, LocalWorkload, Mesh, Route, Verdict};
 use crate::state::{State, Transport};
 
 /// Answers the proxy from the current snapshot; knows the network namespace of each
@@ -80,6 +80,16 @@ impl Mesh for StateMesh {
             identity: w.identity.clone(),
             ip,
             netns: self.namespace(ip),
+        })
+    }
+
+    fn workload_at(&self, ip: IpAddr) -> Option<KnownWorkload> {
+        let snapshot = self.state.load();
+        let w = snapshot.workload_by_ip(ip)?;
+        Some(KnownWorkload {
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            identity: w.identity.clone(),
         })
     }
 

@@ -7,7 +7,7 @@ use http::HeaderMap;
 use http::header::{FORWARDED, HeaderName, HeaderValue};
 use rand::Rng;
 
-const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
+pub(super) const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Headers of a CONNECT request beyond method and authority.
@@ -65,17 +65,18 @@ impl ConnectHeaders {
             put(FORWARDED, format!("for=\"{addr}\""));
         }
         if let (Some(workload), Some(namespace)) = (&self.source_workload, &self.source_namespace) {
-            put(
-                BAGGAGE,
-                format!(
-                    "k8s.namespace.name={namespace},k8s.deployment.name={workload},service.name={workload}"
-                ),
-            );
+            put(BAGGAGE, baggage(workload, namespace));
         }
         if let Some(trace) = &self.traceparent {
             put(TRACEPARENT, trace.clone());
         }
     }
+}
+
+/// The `baggage` value describing workload `workload` in `namespace`: sent with a
+/// CONNECT for its source, and with the 200 answer for its destination.
+pub fn baggage(workload: &str, namespace: &str) -> String {
+    format!("k8s.namespace.name={namespace},k8s.deployment.name={workload},service.name={workload}")
 }
 
 /// `for="1.2.3.4:5"` or `for="[::1]:5"` (the first `for` element wins).

@@ -8,13 +8,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::headers::ConnectHeaders;
+use super::headers::{self, ConnectHeaders};
 use super::{Error, H2Stream, Result, settings};
 
 /// Tunables of the server side.
@@ -43,6 +43,8 @@ pub struct Incoming {
     pub peer: SocketAddr,
     respond: SendResponse<Bytes>,
     recv: RecvStream,
+    /// The `baggage` of the 200 answer (the destination's metadata).
+    baggage: Option<HeaderValue>,
 }
 
 impl Incoming {
@@ -55,11 +57,22 @@ impl Incoming {
         }
     }
 
+    /// The 200 answer will carry `baggage` naming the destination workload, as
+    /// Istio's server answers.
+    pub fn with_baggage(mut self, workload: &str, namespace: &str) -> Self {
+        self.baggage = HeaderValue::try_from(headers::baggage(workload, namespace)).ok();
+        self
+    }
+
     /// Answers 200 and returns the stream to copy bytes over.
     pub fn accept(mut self) -> Result<H2Stream> {
+        let mut response = Response::new(());
+        if let Some(baggage) = self.baggage.take() {
+            response.headers_mut().insert(headers::BAGGAGE, baggage);
+        }
         let send = self
             .respond
-            .send_response(Response::new(()), false)
+            .send_response(response, false)
             .map_err(|e| Error::Stream(self.peer, e))?;
         Ok(H2Stream::new(send, self.recv, self.peer, None))
     }
@@ -90,8 +103,9 @@ fn parse(request: &Request<RecvStream>) -> Result<SocketAddr, RequestError> {
 
 /// Serves HTTP/2 over `io` (already secured) from HBONE client `peer` until the client
 /// goes away or, after `shutdown` fires, its open streams finish (GOAWAY is sent).
-/// Each request is handed to `handler` in a task of its own; those tasks end with the
-/// connection.
+/// Each request is handed to `handler` in a task of its own; when the connection ends
+/// (however the client ends it) those tasks are awaited, not aborted, so each one
+/// closes what it opened.
 pub async fn serve_connection<I, F, Fut>(
     io: I,
     peer: SocketAddr,
@@ -124,7 +138,7 @@ where
     let mut got_request = false;
     let mut draining = false;
     let mut streams = JoinSet::new();
-    loop {
+    let ended = loop {
         tokio::select! {
             next = connection.accept() => match next {
                 Some(Ok((request, respond))) => {
@@ -135,18 +149,24 @@ where
                         peer,
                         respond,
                         recv: request.into_body(),
+                        baggage: None,
                     };
                     streams.spawn(handler(incoming));
                 }
-                Some(Err(e)) => return Err(h2err(e)),
-                None => return Ok(()),
+                Some(Err(e)) => break Err(h2err(e)),
+                None => break Ok(()),
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
-            () = &mut first, if !got_request => return Err(Error::RequestTimeout(timeout)),
+            () = &mut first, if !got_request => break Err(Error::RequestTimeout(timeout)),
             () = shutdown.cancelled(), if !draining => {
                 draining = true;
                 connection.graceful_shutdown();
             }
         }
-    }
+    };
+    // The connection is gone: its streams fail at their next read or write. Each
+    // handler still finishes (answers, logs, counts) rather than being aborted.
+    drop(connection);
+    while streams.join_next().await.is_some() {}
+    ended
 }

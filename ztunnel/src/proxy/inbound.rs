@@ -10,7 +10,7 @@ use tracing::{debug, info};
 
 use super::copy::{self, close_gracefully, reset_on_close};
 use super::metrics::{ConnectionRecord, Endpoints, RefusedReason, Reporter, SecurityPolicy};
-use super::{Error, LocalWorkload, Proxy, TUNNEL_PORTS, Verdict};
+use super::{Error, LocalWorkload, Proxy, TUNNEL_PORTS, Verdict, telemetry};
 use crate::hbone::{self, Incoming};
 use crate::identity::Identity;
 
@@ -150,20 +150,22 @@ impl Proxy {
                 );
             }
         };
-        let source_workload = match (
-            &incoming.headers.source_workload,
-            &incoming.headers.source_namespace,
-        ) {
-            (Some(name), Some(namespace)) => Some((name.clone(), namespace.clone())),
-            _ => None,
-        };
+        let source = telemetry::inbound_source(
+            inner.mesh.as_ref(),
+            &inner.config.trusted_proxies,
+            incoming.peer,
+            &peer_identity,
+            &incoming.headers,
+        );
         let endpoints = Endpoints {
-            source: incoming.headers.forwarded_for.unwrap_or(incoming.peer),
+            source: source.addr,
             source_identity: Some(peer_identity.clone()),
-            source_workload,
+            source_workload: source.workload,
+            source_workload_ip: source.workload_ip,
             destination: target,
             destination_identity: Some(workload.identity.clone()),
             destination_workload: Some((workload.name.clone(), workload.namespace.clone())),
+            destination_workload_ip: Some(local.ip()),
             traceparent: incoming.headers.traceparent.clone(),
         };
         let record = ConnectionRecord::open(
@@ -173,7 +175,10 @@ impl Proxy {
             endpoints,
         );
         reset_on_close(&upstream);
-        let result = match incoming.accept() {
+        let result = match incoming
+            .with_baggage(&workload.name, &workload.namespace)
+            .accept()
+        {
             Ok(stream) => {
                 let copy = copy::tcp_h2(&upstream, stream, &record.sent, &record.received);
                 tokio::select! {

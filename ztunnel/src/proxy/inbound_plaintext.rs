@@ -96,9 +96,11 @@ impl Proxy {
                 source: client,
                 source_identity: None,
                 source_workload: None,
+                source_workload_ip: None,
                 destination,
                 destination_identity: Some(workload.identity.clone()),
                 destination_workload: Some((workload.name.clone(), workload.namespace.clone())),
+                destination_workload_ip: Some(destination.ip()),
                 traceparent: None,
             },
         );

@@ -1,17 +1,25 @@
 //! Istio's TCP metrics and the per-connection access log.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tracing::info;
 
+use super::Mesh;
 use super::copy::Meter;
 use crate::identity::Identity;
+
+/// The label value of what is not known.
+pub const UNKNOWN: &str = "unknown";
 
 /// Which side of the connection reports it (Istio's `reporter` label).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -86,28 +94,81 @@ label_values! {
     }
 }
 
+impl ConnectionLabels {
+    /// The series of connections beyond the cap: only reporter and security kept.
+    fn overflow(self) -> Self {
+        ConnectionLabels {
+            reporter: self.reporter,
+            source_workload: UNKNOWN.to_owned(),
+            source_workload_namespace: UNKNOWN.to_owned(),
+            source_principal: UNKNOWN.to_owned(),
+            destination_workload: UNKNOWN.to_owned(),
+            destination_workload_namespace: UNKNOWN.to_owned(),
+            destination_principal: UNKNOWN.to_owned(),
+            connection_security_policy: self.connection_security_policy,
+        }
+    }
+}
+
+impl SeriesTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionLabels, Series>> {
+        self.series.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusedLabels {
     reason: RefusedReason,
 }
 
+/// A series of the `istio_tcp_*` families: the connections open on it, and the
+/// workloads it names with the address the state knows each by. Once none is open and
+/// one of those workloads has left the state, the series is removed.
+struct Series {
+    open: usize,
+    workloads: Vec<(IpAddr, String, String)>,
+}
+
+/// The series of the `istio_tcp_*` families, at most `max` of them.
+struct SeriesTable {
+    series: Mutex<HashMap<ConnectionLabels, Series>>,
+    max: usize,
+    /// The mesh generation of the last sweep for departed workloads.
+    swept: AtomicU64,
+    dropped: Counter,
+}
+
 /// The proxy's metrics, registered once at startup.
 pub struct Metrics {
+    mesh: Arc<dyn Mesh>,
+    table: SeriesTable,
     opened: Family<ConnectionLabels, Counter>,
     closed: Family<ConnectionLabels, Counter>,
     sent: Family<ConnectionLabels, Counter>,
     received: Family<ConnectionLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
+    /// Connections opened and not yet closed: the sum of opened minus closed, always.
+    open: Gauge,
 }
 
 impl Metrics {
-    pub fn new(registry: &mut Registry) -> Self {
+    /// The metrics, with at most `max_series` series per `istio_tcp_*` family; `mesh`
+    /// tells which workloads are still known.
+    pub fn new(registry: &mut Registry, mesh: Arc<dyn Mesh>, max_series: usize) -> Self {
         let metrics = Metrics {
+            mesh,
+            table: SeriesTable {
+                series: Mutex::default(),
+                max: max_series,
+                swept: AtomicU64::new(0),
+                dropped: Counter::default(),
+            },
             opened: Family::default(),
             closed: Family::default(),
             sent: Family::default(),
             received: Family::default(),
             refused: Family::default(),
+            open: Gauge::default(),
         };
         let tcp = [
             (
@@ -139,7 +200,95 @@ impl Metrics {
             "Connections or HBONE requests refused, by reason",
             metrics.refused.clone(),
         );
+        registry.register(
+            "ztunnel_metric_series_dropped",
+            "Connections counted in the overflow series (all workload labels unknown) because the series cap was reached",
+            metrics.table.dropped.clone(),
+        );
+        registry.register(
+            "ztunnel_tcp_connections_open",
+            "Connections opened and not yet closed",
+            metrics.open.clone(),
+        );
         metrics
+    }
+
+    /// Series of each `istio_tcp_*` family now.
+    pub fn series_count(&self) -> usize {
+        self.table.lock().len()
+    }
+
+    /// Connections counted in the overflow series since start.
+    pub fn series_dropped(&self) -> u64 {
+        self.table.dropped.get()
+    }
+
+    /// Takes a series for a new connection with `labels` naming `workloads`: the
+    /// overflow series when the cap is reached. Series whose workloads left the state
+    /// are swept first when the state changed since the last sweep.
+    fn take_series(
+        &self,
+        mut labels: ConnectionLabels,
+        workloads: Vec<(IpAddr, String, String)>,
+    ) -> ConnectionLabels {
+        let generation = *self.mesh.updates().borrow();
+        let mut table = self.table.lock();
+        if self.table.swept.swap(generation, Ordering::Relaxed) != generation {
+            let gone: Vec<ConnectionLabels> = table
+                .iter()
+                .filter(|(_, s)| s.open == 0 && self.departed(s))
+                .map(|(l, _)| l.clone())
+                .collect();
+            for labels in gone {
+                table.remove(&labels);
+                self.remove_series(&labels);
+            }
+        }
+        let workloads = if table.contains_key(&labels) || table.len() < self.table.max {
+            workloads
+        } else {
+            self.table.dropped.inc();
+            labels = labels.overflow();
+            Vec::new()
+        };
+        table
+            .entry(labels.clone())
+            .or_insert(Series { open: 0, workloads })
+            .open += 1;
+        labels
+    }
+
+    /// Gives back the series of a closed connection; removes it when it was the last
+    /// one open on it and one of its workloads has left the state.
+    fn release_series(&self, labels: &ConnectionLabels) {
+        let mut table = self.table.lock();
+        let Some(series) = table.get_mut(labels) else {
+            return;
+        };
+        series.open -= 1;
+        if series.open == 0 && self.departed(series) {
+            table.remove(labels);
+            self.remove_series(labels);
+        }
+    }
+
+    fn departed(&self, series: &Series) -> bool {
+        series.workloads.iter().any(|(ip, name, namespace)| {
+            self.mesh
+                .workload_at(*ip)
+                .is_none_or(|w| &w.name != name || &w.namespace != namespace)
+        })
+    }
+
+    fn remove_series(&self, labels: &ConnectionLabels) {
+        for family in [&self.opened, &self.closed, &self.sent, &self.received] {
+            family.remove(labels);
+        }
+    }
+
+    /// Connections open now (opened and not yet closed).
+    pub fn open_count(&self) -> i64 {
+        self.open.get()
     }
 
     pub fn refused(&self, reason: RefusedReason) {
@@ -159,16 +308,25 @@ impl Metrics {
 pub struct Endpoints {
     pub source: SocketAddr,
     pub source_identity: Option<Identity>,
+    /// (name, namespace) of the source workload.
     pub source_workload: Option<(String, String)>,
+    /// The address the state knows the source workload by (its series go when the
+    /// state no longer has it there); `None` when it is not from the state.
+    pub source_workload_ip: Option<IpAddr>,
     pub destination: SocketAddr,
     pub destination_identity: Option<Identity>,
     pub destination_workload: Option<(String, String)>,
+    /// As `source_workload_ip`, for the destination.
+    pub destination_workload_ip: Option<IpAddr>,
     /// The W3C `traceparent` of the HBONE stream: the same in both tunnels' logs.
     pub traceparent: Option<String>,
 }
 
 /// One proxied connection from open to close: counts it opened, meters its bytes,
-/// and at close counts it closed and writes its access-log event.
+/// and at close counts it closed and writes its access-log event. A record dropped
+/// without `close` (its task aborted: the HBONE connection or the tunnel went away)
+/// closes itself with the result "aborted", so every opened connection is closed and
+/// logged exactly once.
 pub struct ConnectionRecord<'m> {
     metrics: &'m Metrics,
     labels: ConnectionLabels,
@@ -178,6 +336,7 @@ pub struct ConnectionRecord<'m> {
     pub received: Meter,
     /// Destination to client.
     pub sent: Meter,
+    closed: bool,
 }
 
 impl<'m> ConnectionRecord<'m> {
@@ -189,11 +348,11 @@ impl<'m> ConnectionRecord<'m> {
     ) -> Self {
         let principal = |id: &Option<Identity>| {
             id.as_ref()
-                .map_or_else(|| "unknown".to_owned(), |i| i.to_string())
+                .map_or_else(|| UNKNOWN.to_owned(), |i| i.to_string())
         };
         let part = |w: &Option<(String, String)>, second: bool| {
             w.as_ref().map_or_else(
-                || "unknown".to_owned(),
+                || UNKNOWN.to_owned(),
                 |(name, ns)| if second { ns.clone() } else { name.clone() },
             )
         };
@@ -207,7 +366,22 @@ impl<'m> ConnectionRecord<'m> {
             destination_principal: principal(&endpoints.destination_identity),
             connection_security_policy: security,
         };
+        let named = |ip: Option<IpAddr>, w: &Option<(String, String)>| {
+            ip.zip(w.clone()).map(|(ip, (name, ns))| (ip, name, ns))
+        };
+        let workloads = [
+            named(endpoints.source_workload_ip, &endpoints.source_workload),
+            named(
+                endpoints.destination_workload_ip,
+                &endpoints.destination_workload,
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let labels = metrics.take_series(labels, workloads);
         metrics.opened.get_or_create(&labels).inc();
+        metrics.open.inc();
         let received = Meter::new(metrics.received.get_or_create_owned(&labels));
         let sent = Meter::new(metrics.sent.get_or_create_owned(&labels));
         ConnectionRecord {
@@ -217,12 +391,22 @@ impl<'m> ConnectionRecord<'m> {
             start: Instant::now(),
             received,
             sent,
+            closed: false,
         }
     }
 
     /// Counts the connection closed and logs it with its result.
-    pub fn close(self, result: Result<(), String>) {
+    pub fn close(mut self, result: Result<(), String>) {
+        self.finish(result);
+    }
+
+    fn finish(&mut self, result: Result<(), String>) {
+        if std::mem::replace(&mut self.closed, true) {
+            return;
+        }
         self.metrics.closed.get_or_create(&self.labels).inc();
+        self.metrics.open.dec();
+        self.metrics.release_series(&self.labels);
         let e = &self.endpoints;
         let id = |i: &Option<Identity>| i.as_ref().map(|i| i.to_string());
         let (outcome, reason) = match &result {
@@ -246,3 +430,12 @@ impl<'m> ConnectionRecord<'m> {
         );
     }
 }
+
+impl Drop for ConnectionRecord<'_> {
+    fn drop(&mut self) {
+        self.finish(Err(ABORTED.to_owned()));
+    }
+}
+
+/// The result of a connection whose task ended before it could close it.
+pub const ABORTED: &str = "aborted";

@@ -12,6 +12,7 @@ pub mod metrics;
 mod outbound;
 mod socket;
 mod socks5;
+mod telemetry;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -45,6 +46,14 @@ pub struct LocalWorkload {
     /// The workload's network namespace, where the tunnel makes its sockets for it;
     /// `None`: the tunnel's own (SOCKS5 clients on this host).
     pub netns: Option<Netns>,
+}
+
+/// A workload of the mesh (on any node) as the state knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnownWorkload {
+    pub name: String,
+    pub namespace: String,
+    pub identity: Identity,
 }
 
 /// Where an outbound connection goes.
@@ -82,6 +91,9 @@ pub enum Verdict {
 pub trait Mesh: Send + Sync + 'static {
     /// This node's workload owning `ip`, if any.
     fn local_workload(&self, ip: IpAddr) -> Option<LocalWorkload>;
+    /// The workload, on any node, that owns `ip`: the source an HBONE peer at `ip`
+    /// is, when it proves the same identity (telemetry trusts this over `baggage`).
+    fn workload_at(&self, ip: IpAddr) -> Option<KnownWorkload>;
     /// Where an outbound connection from `source` to `destination` goes.
     fn route(&self, source: &LocalWorkload, destination: SocketAddr) -> Route;
     /// Whether inbound plaintext to `destination` is accepted (PERMISSIVE/DISABLE)
@@ -127,6 +139,10 @@ pub trait Mesh: Send + Sync + 'static {
     fn updates(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
+/// Default of `Config::max_metric_series`: far above what a node's workloads and their
+/// peers make, low enough that `/metrics` stays a few megabytes.
+pub const DEFAULT_MAX_METRIC_SERIES: usize = 10_000;
+
 /// Tunables of the proxy; `Default` is production behaviour.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -139,6 +155,12 @@ pub struct Config {
     pub max_inbound_connections: usize,
     /// Deadline of the SOCKS5 greeting and request.
     pub socks5_timeout: Duration,
+    /// Series of each `istio_tcp_*` family at most; connections beyond it are counted
+    /// in an overflow series and in `ztunnel_metric_series_dropped_total`.
+    pub max_metric_series: usize,
+    /// Peer identities whose `forwarded` header is logged as the source address even
+    /// when it is not the peer's own address (gateways, waypoints).
+    pub trusted_proxies: Vec<Identity>,
 }
 
 impl Default for Config {
@@ -149,6 +171,8 @@ impl Default for Config {
             server: ServerConfig::default(),
             max_inbound_connections: 16 * 1024,
             socks5_timeout: Duration::from_secs(10),
+            max_metric_series: DEFAULT_MAX_METRIC_SERIES,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -262,7 +286,7 @@ impl Proxy {
                 pool: Pool::new(config.pool.clone(), tls.clone()),
                 sockets: Sockets::new(config.mark),
                 inbound_slots: Arc::new(Semaphore::new(config.max_inbound_connections)),
-                metrics: Metrics::new(registry),
+                metrics: Metrics::new(registry, mesh.clone(), config.max_metric_series),
                 drain: Drain::new(),
                 config,
                 mesh,

@@ -79,9 +79,11 @@ impl Proxy {
             source: client,
             source_identity: Some(source.identity.clone()),
             source_workload: Some((source.name.clone(), source.namespace.clone())),
+            source_workload_ip: Some(source.ip),
             destination,
             destination_identity: None,
             destination_workload: None,
+            destination_workload_ip: None,
             traceparent: None,
         };
         let open = |security, endpoints| {
@@ -98,6 +100,7 @@ impl Proxy {
                 identities.sort();
                 endpoints.destination = target;
                 endpoints.destination_identity = identities.first().cloned();
+                endpoints.destination_workload_ip = workload.as_ref().map(|_| target.ip());
                 endpoints.destination_workload = workload;
                 let headers = ConnectHeaders::outbound(client, &source.name, &source.namespace);
                 endpoints.traceparent = headers.traceparent.clone();

@@ -19,7 +19,7 @@ use ztunnel::hbone::{Mtls, PoolKey};
 use ztunnel::identity::{
     self, CaFiles, CertManager, Identity, InProcessCa, TrustBundle, TrustStore,
 };
-use ztunnel::proxy::{Config, LocalWorkload, Mesh, Proxy, Route, Verdict};
+use ztunnel::proxy::{Config, KnownWorkload, LocalWorkload, Mesh, Proxy, Route, Verdict};
 use ztunnel::tls;
 
 pub const TD: &str = "cluster.local";
@@ -64,6 +64,12 @@ impl TestMesh {
         self.workloads.lock().unwrap().insert(ip, workload);
     }
 
+    /// The workload at `ip` leaves the state.
+    pub fn remove_workload(&self, ip: IpAddr) {
+        self.workloads.lock().unwrap().remove(&ip);
+        self.updates.send_modify(|v| *v += 1);
+    }
+
     pub fn add_route(&self, destination: SocketAddr, route: Route) {
         self.routes.lock().unwrap().insert(destination, route);
     }
@@ -96,6 +102,16 @@ impl TestMesh {
 impl Mesh for TestMesh {
     fn local_workload(&self, ip: IpAddr) -> Option<LocalWorkload> {
         self.workloads.lock().unwrap().get(&ip).cloned()
+    }
+
+    fn workload_at(&self, ip: IpAddr) -> Option<KnownWorkload> {
+        let workloads = self.workloads.lock().unwrap();
+        let w = workloads.get(&ip)?;
+        Some(KnownWorkload {
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            identity: w.identity.clone(),
+        })
     }
 
     fn route(&self, _source: &LocalWorkload, destination: SocketAddr) -> Route {
