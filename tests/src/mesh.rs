@@ -117,6 +117,17 @@ impl Mesh {
     /// Writes a CA and one config per node; starts nothing. `policies` is a YAML list
     /// of Istio resources (indented as items of `policies:`), or empty.
     pub fn new(cluster: &Cluster, pods: Vec<PodSpec>, policies: &str) -> Result<Mesh> {
+        Mesh::with_settings(cluster, pods, policies, "")
+    }
+
+    /// Like [`Mesh::new`], with `settings` (top-level YAML lines, e.g. `socketMark: 42`)
+    /// added to every node's config.
+    pub fn with_settings(
+        cluster: &Cluster,
+        pods: Vec<PodSpec>,
+        policies: &str,
+        settings: &str,
+    ) -> Result<Mesh> {
         crate::require_root();
         let dir = tempfile::Builder::new()
             .prefix("ztt-mesh-")
@@ -145,7 +156,7 @@ impl Mesh {
             let config = dir.path().join(format!("{}.yaml", node.name()));
             std::fs::write(
                 &config,
-                config_text(&ca, &pin_parent, node.index(), cluster, &pods, policies),
+                config_text(&ca, &pin_parent, node.index(), cluster, &pods, policies) + settings,
             )
             .with_context(|| format!("cannot write {}", config.display()))?;
             nodes.push(NodeTunnel {
@@ -256,6 +267,12 @@ impl Mesh {
     /// The last lines of node `n`'s tunnel log.
     pub fn log_tail(&self, n: usize) -> String {
         tail(&self.nodes[n].log)
+    }
+
+    /// Node `n`'s whole tunnel log, without terminal colour codes.
+    pub fn log(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.nodes[n].log).unwrap_or_default();
+        strip_colours(&text)
     }
 
     /// Node `n`'s Prometheus metrics text.
@@ -394,6 +411,24 @@ pub fn ztunnel_binary() -> Result<PathBuf> {
                  which cargo test --workspace does) or set ZTUNNEL_BIN"
             )
         })
+}
+
+/// `text` without ANSI SGR sequences (`ESC [ ... m`).
+fn strip_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn tail(path: &Path) -> String {

@@ -33,6 +33,11 @@ struct Setup {
 impl Setup {
     /// The cluster, the applications listening, and the tunnels written but not started.
     async fn new() -> Setup {
+        Setup::with_settings("").await
+    }
+
+    /// The same, with `settings` added to each tunnel's config.
+    async fn with_settings(settings: &str) -> Setup {
         let cluster = Cluster::builder()
             .nodes(2)
             .pods_per_node(2)
@@ -44,7 +49,8 @@ impl Setup {
             PodSpec::new(cluster.pod(1, 0), "default", "web"),
             PodSpec::new(cluster.pod(1, 1), "legacy", "batch").unmeshed(),
         ];
-        let mesh = Mesh::new(&cluster, specs, SEED_POLICIES).expect("write the mesh");
+        let mesh =
+            Mesh::with_settings(&cluster, specs, SEED_POLICIES, settings).expect("write the mesh");
         let payments = Echo::start(cluster.pod(0, 1), PAYMENTS_PORT);
         let web = Echo::start(cluster.pod(1, 0), WEB_PORT);
         Setup {
@@ -241,6 +247,84 @@ async fn pod_traffic_is_hbone_on_the_wire_same_node_and_across_nodes_over_ipv4_a
             "node {node} received no mutual TLS connection from orders:\n{metrics}"
         );
     }
+}
+
+#[tokio::test]
+async fn applications_see_their_own_pod_address_and_the_server_tunnel_logs_it() {
+    let setup = Setup::started().await;
+    let orders = setup.orders();
+    for family in families(orders) {
+        for (node, to) in [
+            (0, at(setup.payments_pod(), family, PAYMENTS_PORT)),
+            (1, at(setup.web_pod(), family, WEB_PORT)),
+        ] {
+            let mut tcp = connect(orders, to).await.unwrap();
+            let local = tcp.local_addr().unwrap();
+            assert_eq!(
+                local.ip(),
+                at(orders, family, 0).ip(),
+                "to {to}: the application's local address is its pod's"
+            );
+            assert_eq!(tcp.peer_addr().unwrap(), to);
+            echo_round(&mut tcp, format!("own-address-{to}").as_bytes())
+                .await
+                .unwrap();
+            drop(tcp);
+            // The client tunnel sent the application's address and port in `forwarded`
+            // (the HBONE connection's own port differs); the server tunnel logs it.
+            let wanted = format!("src.addr={local}");
+            let deadline = tokio::time::Instant::now() + STEP;
+            loop {
+                let log = setup.mesh.log(node);
+                if log
+                    .lines()
+                    .any(|l| l.contains("Destination") && l.contains(&wanted))
+                {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "node {node} logged no inbound connection with {wanted}:\n{}",
+                    setup.mesh.log_tail(node)
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_socket_mark_from_the_config_keeps_the_tunnels_own_connects_unsteered() {
+    // Not the default (0x539): the programs must skip this mark, or every connection
+    // the tunnel makes from a pod would be steered back into it.
+    let mut setup = Setup::with_settings("socketMark: 0x2a\n").await;
+    setup.mesh.start_all().await.expect("start the tunnels");
+    for family in families(setup.orders()) {
+        assert_exchange(
+            setup.orders(),
+            at(setup.payments_pod(), family, PAYMENTS_PORT),
+            format!("mark-same-node-{family}").as_bytes(),
+        )
+        .await;
+        assert_exchange(
+            setup.orders(),
+            at(setup.web_pod(), family, WEB_PORT),
+            format!("mark-cross-node-{family}").as_bytes(),
+        )
+        .await;
+    }
+    // Plaintext from outside the mesh still lands on the tunnel (STRICT refuses it).
+    assert_refused(
+        setup.batch(),
+        at(
+            setup.payments_pod(),
+            setup.payments_pod().ip().into(),
+            PAYMENTS_PORT,
+        ),
+        b"mark-plaintext-to-strict",
+        &setup.payments,
+    )
+    .await;
 }
 
 #[tokio::test]

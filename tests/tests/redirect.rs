@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing_subscriber::layer::SubscriberExt;
-use ztunnel::netns::{Netns, TUNNEL_MARK};
+use ztunnel::netns::{DEFAULT_SOCKET_MARK, Netns};
 use ztunnel::redirect::{Config, Metrics, Operation, PodListeners, PodNetwork, Redirect};
 use ztunnel_ebpf_common::{
     ConnectionKey, INBOUND_PORT, MAP_LAYOUT_VERSION, OUTBOUND_PORT, SockAddr, maps,
@@ -122,11 +122,7 @@ async fn assert_nothing_accepted(listener: &TcpListener, what: &str) {
 async fn assert_fails_closed(client: &Pod, server: &Pod) {
     // The tunnel's listeners are closed, but a child that another test forked at that
     // instant may hold them until it execs: wait until they refuse connections.
-    wait_until_closed(
-        client,
-        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
-    )
-    .await;
+    wait_until_closed(client, SocketAddr::new(client.ip().into(), OUTBOUND_PORT)).await;
     wait_until_closed(client, SocketAddr::new(server.ip().into(), INBOUND_PORT)).await;
     let app = app_listener(server, server.ip().into());
     let dst = SocketAddr::new(server.ip().into(), APP_PORT);
@@ -136,7 +132,7 @@ async fn assert_fails_closed(client: &Pod, server: &Pod) {
     // tunnel's mark): the SYN is dropped, never handed to the application; the kernel
     // answers it as for a closed port.
     let refused = std::io::ErrorKind::ConnectionRefused;
-    assert_connect_fails(client, dst, TUNNEL_MARK, refused).await;
+    assert_connect_fails(client, dst, DEFAULT_SOCKET_MARK, refused).await;
     assert_nothing_accepted(&app, "application with the tunnel away").await;
 }
 
@@ -144,7 +140,7 @@ async fn assert_fails_closed(client: &Pod, server: &Pod) {
 /// refused.
 async fn wait_until_closed(pod: &Pod, addr: SocketAddr) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while try_connect(pod, addr, TUNNEL_MARK).await.is_ok() {
+    while try_connect(pod, addr, DEFAULT_SOCKET_MARK).await.is_ok() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{addr} still accepts in {}",
@@ -250,19 +246,38 @@ async fn outbound_connects_are_steered_and_the_original_destination_recorded() {
     assert_eq!(metrics.enrolled(), 1);
 
     let v4_mapped = IpAddr::V6(server.ip().to_ipv6_mapped());
-    for (destination, capture, expected) in [
-        (IpAddr::from(server.ip()), 0, IpAddr::from(server.ip())),
-        (server.ipv6().into(), 1, server.ipv6().into()),
+    let client_v4 = IpAddr::from(client.ip());
+    let client_mapped = IpAddr::V6(client.ip().to_ipv6_mapped());
+    let client_v6 = IpAddr::from(client.ipv6());
+    for (destination, capture, expected, own, own_unmapped) in [
+        (
+            server.ip().into(),
+            0,
+            server.ip().into(),
+            client_v4,
+            client_v4,
+        ),
+        (
+            server.ipv6().into(),
+            1,
+            server.ipv6().into(),
+            client_v6,
+            client_v6,
+        ),
         // An IPv6 socket to an IPv4-mapped address is the IPv4 connect it is on the wire.
-        (v4_mapped, 0, server.ip().into()),
+        (v4_mapped, 0, server.ip().into(), client_mapped, client_v4),
     ] {
         // Nothing listens at the destination: only steering can connect.
         let dst = SocketAddr::new(destination, APP_PORT);
         let mut connected = connect(client, dst, 0).await;
         let (mut accepted, peer) = accept(&listeners.outbound[capture]).await;
         assert_connected(&mut connected, &mut accepted).await;
-        // The application sees the peer it asked for.
+        // The application sees the peer it asked for, and its own pod address as its
+        // local address (as the capture listener sees it), not loopback.
         assert_eq!(connected.peer_addr().unwrap(), dst);
+        let local = connected.local_addr().unwrap();
+        assert_eq!(local.ip(), own, "{dst}: the application's local address");
+        assert_eq!(peer, SocketAddr::new(own_unmapped, local.port()), "{dst}");
         let original = redirect
             .original_destination(listeners.netns_cookie, peer.port())
             .unwrap();
@@ -387,6 +402,26 @@ async fn excluded_ports_and_peers_are_not_steered() {
 }
 
 #[tokio::test]
+async fn the_capture_listener_on_the_pod_address_serves_the_pod_alone() {
+    let cluster = Cluster::builder().pods_per_node(2).build().unwrap();
+    let (mut config, _guard) = config(&cluster);
+    let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
+    // From an excluded peer (IPv4) and from one that is not (IPv6).
+    config.excluded_peers = vec![format!("{}/32", client.ip()).parse().unwrap()];
+    let redirect = load(&config);
+    let listeners = enrol(&redirect, server);
+    for ip in [IpAddr::from(server.ip()), server.ipv6().into()] {
+        let capture = SocketAddr::new(ip, OUTBOUND_PORT);
+        let refused = std::io::ErrorKind::ConnectionRefused;
+        assert_connect_fails(client, capture, 0, refused).await;
+    }
+    for listener in listeners.outbound.iter().chain(&listeners.inbound) {
+        assert_nothing_accepted(listener, "tunnel listener").await;
+    }
+    redirect.uninstall().unwrap();
+}
+
+#[tokio::test]
 async fn inbound_syns_land_on_the_tunnel_with_the_original_local_address() {
     let cluster = Cluster::builder()
         .nodes(2)
@@ -460,13 +495,45 @@ async fn tunnel_marked_sockets_are_not_steered() {
     let listeners = enrol(&redirect, client);
     for ip in [IpAddr::from(server.ip()), server.ipv6().into()] {
         let app = app_listener(server, ip);
-        let mut connected = connect(client, SocketAddr::new(ip, APP_PORT), TUNNEL_MARK).await;
+        let mut connected =
+            connect(client, SocketAddr::new(ip, APP_PORT), DEFAULT_SOCKET_MARK).await;
         let (mut accepted, _) = accept(&app).await;
         assert_connected(&mut connected, &mut accepted).await;
     }
     for capture in &listeners.outbound {
         assert_nothing_accepted(capture, "outbound capture").await;
     }
+    redirect.uninstall().unwrap();
+}
+
+#[tokio::test]
+async fn the_socket_mark_is_the_one_the_programs_were_loaded_with() {
+    let cluster = Cluster::builder().pods_per_node(2).build().unwrap();
+    let (mut config, _guard) = config(&cluster);
+    const MARK: u32 = 0x2a;
+    config.socket_mark = MARK;
+    let redirect = load(&config);
+    let (client, server) = (cluster.pod(0, 0), cluster.pod(0, 1));
+    let listeners = enrol(&redirect, client);
+    for listener in listeners.outbound.iter().chain(&listeners.inbound) {
+        let mark = nix::sys::socket::getsockopt(listener, nix::sys::socket::sockopt::Mark);
+        assert_eq!(mark.unwrap(), MARK);
+    }
+    // The configured mark goes direct.
+    let app = app_listener(server, server.ip().into());
+    let dst = SocketAddr::new(server.ip().into(), APP_PORT);
+    let mut connected = connect(client, dst, MARK).await;
+    let (mut accepted, _) = accept(&app).await;
+    assert_connected(&mut connected, &mut accepted).await;
+    assert_nothing_accepted(&listeners.outbound[0], "outbound capture").await;
+    // The default mark is an application's like any other: steered.
+    connect(client, dst, DEFAULT_SOCKET_MARK).await;
+    let (_, peer) = accept(&listeners.outbound[0]).await;
+    let original = redirect
+        .original_destination(listeners.netns_cookie, peer.port())
+        .unwrap();
+    assert_eq!(original, Some(dst));
+    assert_nothing_accepted(&app, "application").await;
     redirect.uninstall().unwrap();
 }
 
@@ -577,7 +644,7 @@ async fn pinned_steering_outlives_the_tunnel_and_is_renewed_or_reconciled() {
     // A new tunnel renews the server's steering with its own programs and sockets.
     let redirect = load(&config);
     let listeners = enrol(&redirect, server);
-    let mut connected = connect(client, dst, TUNNEL_MARK).await;
+    let mut connected = connect(client, dst, DEFAULT_SOCKET_MARK).await;
     let (mut accepted, _) = accept(&listeners.inbound[0]).await;
     assert_connected(&mut connected, &mut accepted).await;
     let netns_links = config

@@ -9,11 +9,11 @@
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), ztunnel::netns::Error> {
-//! use ztunnel::netns::{Netns, TUNNEL_MARK};
+//! use ztunnel::netns::{Netns, DEFAULT_SOCKET_MARK};
 //! let pod = Netns::open("/var/run/netns/pod-a")?;
-//! let listener = pod.listen("127.0.0.1:15001".parse().unwrap(), TUNNEL_MARK)?;
+//! let listener = pod.listen("10.0.0.9:15001".parse().unwrap(), DEFAULT_SOCKET_MARK)?;
 //! let upstream = pod
-//!     .connect(None, "10.0.0.9:8080".parse().unwrap(), TUNNEL_MARK)
+//!     .connect(None, "10.0.0.7:8080".parse().unwrap(), DEFAULT_SOCKET_MARK)
 //!     .await?;
 //! # drop((listener, upstream)); Ok(()) }
 //! ```
@@ -29,9 +29,10 @@ use nix::sched::{CloneFlags, setns};
 use nix::{getsockopt_impl, sockopt_impl};
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// The mark (`SO_MARK`) on every socket the tunnel opens: the eBPF programs leave
-/// sockets with this mark alone, so the tunnel's own connections are never steered.
-pub use ztunnel_ebpf_common::TUNNEL_MARK;
+/// The default mark (`SO_MARK`, `socketMark` in the config) on every socket the tunnel
+/// opens: the eBPF programs leave sockets with the tunnel's mark alone, so its own
+/// connections are never steered.
+pub use ztunnel_ebpf_common::DEFAULT_SOCKET_MARK;
 
 /// Stack of a namespace's thread: it only runs short socket set-ups, and there is one
 /// per enrolled pod.
@@ -343,7 +344,7 @@ mod tests {
         let ns = TestNamespace::new();
         let netns = Netns::open(ns.path()).expect("open namespace");
         let listener = netns
-            .listen("127.0.0.1:0".parse().unwrap(), TUNNEL_MARK)
+            .listen("127.0.0.1:0".parse().unwrap(), DEFAULT_SOCKET_MARK)
             .expect("listen");
         let addr = listener.local_addr().unwrap();
 
@@ -359,7 +360,7 @@ mod tests {
         let (mut client, accepted) = tokio::join!(
             async {
                 netns
-                    .connect(None, addr, TUNNEL_MARK)
+                    .connect(None, addr, DEFAULT_SOCKET_MARK)
                     .await
                     .expect("connect")
             },
@@ -370,10 +371,13 @@ mod tests {
         let mut buf = [0u8; 4];
         accepted.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"ping");
-        assert_eq!(socket2::SockRef::from(&client).mark().unwrap(), TUNNEL_MARK);
+        assert_eq!(
+            socket2::SockRef::from(&client).mark().unwrap(),
+            DEFAULT_SOCKET_MARK
+        );
         assert_eq!(
             socket2::SockRef::from(&accepted).mark().unwrap(),
-            TUNNEL_MARK
+            DEFAULT_SOCKET_MARK
         );
     }
 

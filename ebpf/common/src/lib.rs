@@ -6,13 +6,21 @@
 //! order, in the `u32` words of `bpf_sock_addr`); ports are in host order.
 #![no_std]
 
-/// The mark (`SO_MARK`) on every socket the tunnel opens. The programs never steer a
-/// socket that carries it, so the tunnel's own connections from a pod's namespace go
-/// where they are addressed.
-pub const TUNNEL_MARK: u32 = 0x539;
+/// The default mark (`SO_MARK`) on every socket the tunnel opens (`socketMark` of the
+/// config file). The programs never steer a socket that carries the tunnel's mark, so
+/// the tunnel's own connections from a pod's namespace go where they are addressed; the
+/// loader sets the mark in force into the programs' [`globals::SOCKET_MARK`].
+pub const DEFAULT_SOCKET_MARK: u32 = 0x539;
 
-/// The tunnel's outbound capture listener inside each enrolled pod, on 127.0.0.1 and
-/// [::1]: connects that leave the pod are rewritten to it.
+/// Globals of the programs, set by the loader before the kernel sees them.
+pub mod globals {
+    /// `u32`: the tunnel's socket mark; sockets carrying it are never steered.
+    pub const SOCKET_MARK: &str = "SOCKET_MARK";
+}
+
+/// The tunnel's outbound capture listener inside each enrolled pod, on the pod's own
+/// IPv4 and IPv6 addresses (loopback for a family the pod lacks): connects that leave
+/// the pod are rewritten to it.
 pub const OUTBOUND_PORT: u16 = 15001;
 /// The tunnel's inbound plaintext listener inside each enrolled pod: SYNs to any other
 /// port of the pod are handed to it.

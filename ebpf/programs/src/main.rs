@@ -2,13 +2,15 @@
 //!
 //! - `steer_connect4` / `steer_connect6` (`cgroup/connect4`, `cgroup/connect6`, on the
 //!   node's cgroup v2 root): a TCP connect from an enrolled pod's namespace, by a socket
-//!   without the tunnel's mark, to a destination that is neither the pod itself, nor
-//!   loopback, nor an excluded port or peer, is rewritten to the pod's outbound capture listener
-//!   (127.0.0.1:15001, or [::1]:15001 for IPv6). The original destination is kept by
-//!   socket cookie. A connect to an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is
-//!   treated as the IPv4 connect it is on the wire: the IPv4 rules apply, it is rewritten
-//!   to `::ffff:127.0.0.1:15001` (the IPv4 capture listener) and its original
-//!   destination is recorded as IPv4.
+//!   without the tunnel's mark (`SOCKET_MARK`, set by the loader), to a destination that is neither the pod itself, nor
+//!   loopback, nor an excluded port or peer, is rewritten to the pod's outbound capture
+//!   listener on the pod's own address (`<pod ipv4>:15001`, `[<pod ipv6>]:15001`), so the
+//!   kernel gives the application's socket the pod's address as its source, as without
+//!   the mesh (a pod without an address of that family: loopback, 127.0.0.1 or [::1]).
+//!   The original destination is kept by socket cookie. A connect to an IPv4-mapped IPv6
+//!   address (`::ffff:a.b.c.d`) is treated as the IPv4 connect it is on the wire: the
+//!   IPv4 rules apply, it is rewritten to `::ffff:<pod ipv4>:15001` (the IPv4 capture
+//!   listener) and its original destination is recorded as IPv4.
 //! - `record_established` (`sock_ops`): when a steered connection is established, copies
 //!   its original destination to a map keyed by (netns cookie, local port), which the
 //!   tunnel reads with the accepted connection's peer port.
@@ -19,11 +21,13 @@
 //!   both destination maps are also LRU-bounded.
 //! - `steer_inbound` (`sk_lookup`, attached to each enrolled pod's namespace): a TCP SYN
 //!   to any port of an enrolled pod address but the HBONE port, not sent by the pod to
-//!   itself nor by an excluded peer, and not to loopback, goes to the tunnel's inbound listener for that address.
-//!   When that listener is missing (tunnel away) the SYN is dropped (the kernel then
-//!   answers as for a closed port): steering fails closed. The registered addresses are
-//!   checked first, so a released pod is left alone at once, before the kernel detaches
-//!   the program (which it does after an RCU grace period).
+//!   itself (from any of its addresses) nor by an excluded peer, and not to loopback,
+//!   goes to the tunnel's inbound listener for that address. When that listener is
+//!   missing (tunnel away) the SYN is dropped (the kernel then answers as for a closed
+//!   port): steering fails closed. A SYN to the outbound capture port from anyone but
+//!   the pod itself is dropped: that listener serves the pod's own connects alone. The
+//!   registered addresses are checked first, so a released pod is left alone at once,
+//!   before the kernel detaches the program (which it does after an RCU grace period).
 #![no_std]
 #![no_main]
 
@@ -38,9 +42,20 @@ use aya_ebpf::{
 use aya_log_ebpf::{error, warn};
 use core::ptr::{read_volatile, write_volatile};
 use ztunnel_ebpf_common::{
-    AF_INET, AF_INET6, Address, ConnectionKey, EnrolledPod, HBONE_PORT, OUTBOUND_PORT,
-    SockAddr, TUNNEL_MARK,
+    AF_INET, AF_INET6, Address, ConnectionKey, DEFAULT_SOCKET_MARK, EnrolledPod, HBONE_PORT,
+    OUTBOUND_PORT, SockAddr,
 };
+
+/// The tunnel's socket mark, set by the loader (`EbpfLoader::override_global`) from the
+/// tunnel's config before the programs are loaded; read with `read_volatile` so the
+/// compiler never folds the default in.
+#[unsafe(no_mangle)]
+static SOCKET_MARK: u32 = DEFAULT_SOCKET_MARK;
+
+fn tunnel_mark() -> u32 {
+    // SAFETY: a plain read of a global the kernel keeps for the program's lifetime.
+    unsafe { read_volatile(&raw const SOCKET_MARK) }
+}
 
 /// Verdicts of the `cgroup/connect*`, `cgroup/getpeername*` and `cgroup/sock_*` programs.
 const CONNECT_ALLOW: i32 = 1;
@@ -105,7 +120,7 @@ fn try_steer_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Ok(CONNECT_ALLOW);
     }
     record_destination(ctx, Address::v4(ip), port)?;
-    addr.user_ip4 = LOOPBACK_V4;
+    addr.user_ip4 = capture_v4(&pod);
     addr.user_port = u32::from(OUTBOUND_PORT.to_be());
     Ok(CONNECT_ALLOW)
 }
@@ -123,17 +138,32 @@ fn try_steer_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
             return Ok(CONNECT_ALLOW);
         }
         record_destination(ctx, Address::v4(ip[3]), port)?;
-        set_user_ip6(addr, [0, 0, V4_MAPPED_PREFIX, LOOPBACK_V4]);
+        set_user_ip6(addr, [0, 0, V4_MAPPED_PREFIX, capture_v4(&pod)]);
     } else {
         let local = ip == LOOPBACK_V6 || ip == [0; 4] || ip == pod.ipv6;
         if local || excluded_port(port) || excluded_v6(ip) {
             return Ok(CONNECT_ALLOW);
         }
         record_destination(ctx, Address::v6(ip), port)?;
-        set_user_ip6(addr, LOOPBACK_V6);
+        set_user_ip6(addr, capture_v6(&pod));
     }
     addr.user_port = u32::from(OUTBOUND_PORT.to_be());
     Ok(CONNECT_ALLOW)
+}
+
+/// The address of the pod's IPv4 capture listener: the pod's own, so the steered socket
+/// gets it as its source.
+fn capture_v4(pod: &EnrolledPod) -> u32 {
+    if pod.ipv4 == 0 { LOOPBACK_V4 } else { pod.ipv4 }
+}
+
+/// The address of the pod's IPv6 capture listener (see [`capture_v4`]).
+fn capture_v6(pod: &EnrolledPod) -> [u32; 4] {
+    if pod.ipv6 == [0; 4] {
+        LOOPBACK_V6
+    } else {
+        pod.ipv6
+    }
 }
 
 /// Reads an IPv6 address of a context one word at a time, each load straight at its
@@ -176,7 +206,7 @@ fn steerable_pod(ctx: &SockAddrContext, addr: &bpf_sock_addr) -> Option<Enrolled
     let pod = *unsafe { ENROLLED.get(netns) }?;
     // SAFETY: `sk` of a `bpf_sock_addr` always points to the connecting socket.
     let mark = unsafe { (*addr.__bindgen_anon_1.sk).mark };
-    (mark != TUNNEL_MARK).then_some(pod)
+    (mark != tunnel_mark()).then_some(pod)
 }
 
 /// Whether a connect to the IPv4 `ip` (network order) and `port` is steered.
@@ -354,20 +384,33 @@ fn try_steer_inbound(ctx: &SkLookupContext) -> Result<u32, u32> {
         }
         _ => return Ok(sk_action::SK_PASS),
     };
-    // The pod's connection to itself, and the tunnel delivering to the application
-    // from the pod's own address: left to the regular lookup. So are peers the tunnel
-    // excludes (the node itself, for its health probes).
-    let excluded_peer = match remote.family {
-        AF_INET => excluded_v4(remote.words[0]),
-        _ => excluded_v6(remote.words),
-    };
-    if local == remote || excluded_peer {
+    // The pod's connection to itself (a steered connect reaching its capture listener
+    // included), and the tunnel delivering to the application from the pod's own
+    // address: left to the regular lookup.
+    if local == remote {
         return Ok(sk_action::SK_PASS);
     }
     // An address the tunnel no longer serves (the pod is being released while this
     // program is still attached): left alone.
-    // SAFETY: only presence is checked; the value is not read.
-    if unsafe { ENROLLED_ADDRESSES.get(local) }.is_none() {
+    // SAFETY: copied out at once.
+    let Some(pod) = (unsafe { ENROLLED_ADDRESSES.get(local) }).copied() else {
+        return Ok(sk_action::SK_PASS);
+    };
+    // From another address of the same pod: the pod's traffic to itself as well.
+    // SAFETY: copied out at once.
+    if unsafe { ENROLLED_ADDRESSES.get(remote) }.copied() == Some(pod) {
+        return Ok(sk_action::SK_PASS);
+    }
+    // The outbound capture listener serves the pod's own steered connects alone.
+    if lookup.local_port == u32::from(OUTBOUND_PORT) {
+        return Ok(sk_action::SK_DROP);
+    }
+    // Peers the tunnel excludes (the node itself, for its health probes) go direct.
+    let excluded_peer = match remote.family {
+        AF_INET => excluded_v4(remote.words[0]),
+        _ => excluded_v6(remote.words),
+    };
+    if excluded_peer {
         return Ok(sk_action::SK_PASS);
     }
     INBOUND_LISTENERS

@@ -128,7 +128,7 @@ impl Tunnel {
 
         let mesh = StateMesh::new(state.clone());
         let proxy_config = proxy::Config {
-            mark: Some(crate::netns::TUNNEL_MARK),
+            mark: Some(settings.socket_mark),
             ..proxy::Config::default()
         };
         let proxy = Proxy::new(
@@ -543,6 +543,7 @@ impl Node {
         config.pin_root = self.settings.bpf_pin_root.join(&self.settings.node);
         config.excluded_peers = self.settings.excluded_peers.clone();
         config.excluded_ports = self.settings.excluded_ports.clone();
+        config.socket_mark = self.settings.socket_mark;
         let redirect = Arc::new(
             Redirect::load(&config, self.redirect_metrics.clone())
                 .context("loading the eBPF steering programs")?,

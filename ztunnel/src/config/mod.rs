@@ -69,6 +69,9 @@ pub struct Settings {
     pub readiness_address: SocketAddr,
     /// Prometheus metrics (`/metrics`).
     pub metrics_address: SocketAddr,
+    /// `SO_MARK` on every socket the tunnel opens; the eBPF programs are loaded with it
+    /// and never steer a socket that carries it (the tunnel's own connections).
+    pub socket_mark: u32,
     /// Where the eBPF programs and maps are pinned.
     pub bpf_pin_root: PathBuf,
     /// Initial log filter (tracing `EnvFilter` syntax); `/logging` changes it at run time.
@@ -101,6 +104,7 @@ impl Settings {
             admin_address: DEFAULT_ADMIN_ADDRESS,
             readiness_address: DEFAULT_READINESS_ADDRESS,
             metrics_address: DEFAULT_METRICS_ADDRESS,
+            socket_mark: DEFAULT_SOCKET_MARK,
             bpf_pin_root: PathBuf::from(DEFAULT_BPF_PIN_ROOT),
             log_level: DEFAULT_LOG_LEVEL.to_string(),
             socks5_address: None,
@@ -126,6 +130,7 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 pub const DEFAULT_ADMIN_ADDRESS: SocketAddr = v4([127, 0, 0, 1], 15000);
 pub const DEFAULT_READINESS_ADDRESS: SocketAddr = v4([0, 0, 0, 0], 15021);
 pub const DEFAULT_METRICS_ADDRESS: SocketAddr = v4([0, 0, 0, 0], 15020);
+pub use ztunnel_ebpf_common::DEFAULT_SOCKET_MARK;
 pub const DEFAULT_BPF_PIN_ROOT: &str = "/sys/fs/bpf/ztunnel";
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 pub const DEFAULT_DRAIN_GRACE_PERIOD_SECONDS: u64 = 5;
@@ -152,6 +157,8 @@ struct File {
     readiness_address: SocketAddr,
     #[serde(default = "default_metrics")]
     metrics_address: SocketAddr,
+    #[serde(default = "default_mark")]
+    socket_mark: u32,
     #[serde(default = "default_pin_root")]
     bpf_pin_root: PathBuf,
     #[serde(default = "default_log_level")]
@@ -189,6 +196,9 @@ fn default_readiness() -> SocketAddr {
 }
 fn default_metrics() -> SocketAddr {
     DEFAULT_METRICS_ADDRESS
+}
+fn default_mark() -> u32 {
+    DEFAULT_SOCKET_MARK
 }
 fn default_pin_root() -> PathBuf {
     PathBuf::from(DEFAULT_BPF_PIN_ROOT)
@@ -326,6 +336,13 @@ impl Checker<'_> {
                 ),
             ));
         }
+        if file.socket_mark == 0 {
+            return Err(self.invalid(
+                "socketMark",
+                "0 is the mark of every unmarked socket: the tunnel's own connections \
+                 would be steered back into it; choose a non-zero mark",
+            ));
+        }
         let workloads = self.workloads(&file)?;
         let services = self.services(&file, &workloads)?;
         let policies = self.policies(&file.policies)?;
@@ -342,6 +359,7 @@ impl Checker<'_> {
             admin_address: file.admin_address,
             readiness_address: file.readiness_address,
             metrics_address: file.metrics_address,
+            socket_mark: file.socket_mark,
             bpf_pin_root: file.bpf_pin_root,
             log_level: file.log_level,
             socks5_address: file.socks5_address,

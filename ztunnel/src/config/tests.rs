@@ -16,6 +16,7 @@ fn defaults_fill_what_the_file_leaves_out() {
     assert_eq!(s.readiness_address.to_string(), "0.0.0.0:15021");
     assert_eq!(s.metrics_address.to_string(), "0.0.0.0:15020");
     assert_eq!(s.bpf_pin_root, PathBuf::from("/sys/fs/bpf/ztunnel"));
+    assert_eq!(s.socket_mark, 0x539);
     assert_eq!(s.log_level, "info");
     assert!(s.ca.is_none());
     assert!(c.resources.workloads.is_empty());
@@ -174,6 +175,14 @@ fn errors_name_the_file_the_place_and_the_problem() {
         (
             "node: a\nlogLevel: \"foo=bar=baz\"\n".to_string(),
             "logLevel:",
+        ),
+        (
+            "node: a\nsocketMark: 0\n".to_string(),
+            "socketMark: 0 is the mark of every unmarked socket",
+        ),
+        (
+            "node: a\nsocketMark: -1\n".to_string(),
+            "/etc/ztunnel/config.yaml:2:",
         ),
         (
             format!("node: a\n{policy_head}    rules: [{{when: [{{key: destination.port, values: [http]}}]}}]\n"),

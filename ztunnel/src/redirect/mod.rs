@@ -41,11 +41,11 @@ use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use tokio::net::TcpListener;
 use ztunnel_ebpf_common::{
-    AF_INET, AF_INET6, Address, ConnectionKey, EnrolledPod, HBONE_PORT, INBOUND_PORT,
-    OUTBOUND_PORT, SockAddr, maps, programs,
+    AF_INET, AF_INET6, Address, ConnectionKey, DEFAULT_SOCKET_MARK, EnrolledPod, HBONE_PORT,
+    INBOUND_PORT, OUTBOUND_PORT, SockAddr, globals, maps, programs,
 };
 
-use crate::netns::{self, Netns, TUNNEL_MARK};
+use crate::netns::{self, Netns};
 use pin::PinPaths;
 
 /// The eBPF object, built from `ebpf/programs` by this crate's build script.
@@ -68,17 +68,21 @@ pub struct Config {
     /// Peers never steered, either way: pods' connects to them and SYNs from them go
     /// direct. The node's own addresses belong here, so kubelet probes reach pods.
     pub excluded_peers: Vec<IpNet>,
+    /// The tunnel's `SO_MARK`: set into the programs at load time (sockets carrying it
+    /// are never steered) and on the listeners enrolling opens.
+    pub socket_mark: u32,
 }
 
 impl Config {
     /// Defaults for node `node`: pinned under `/sys/fs/bpf/ztunnel/<node>`, attached to
-    /// the cgroup v2 root, nothing excluded.
+    /// the cgroup v2 root, nothing excluded, the default socket mark.
     pub fn for_node(node: &str) -> Config {
         Config {
             pin_root: Path::new(DEFAULT_PIN_ROOT).join(node),
             cgroup: None,
             excluded_ports: Vec::new(),
             excluded_peers: Vec::new(),
+            socket_mark: DEFAULT_SOCKET_MARK,
         }
     }
 }
@@ -100,7 +104,9 @@ pub struct PodListeners {
     pub netns: Netns,
     /// The key of the pod in [`Redirect::original_destination`].
     pub netns_cookie: u64,
-    /// Outbound capture: `127.0.0.1:15001`, and `[::1]:15001` when the pod has IPv6.
+    /// Outbound capture on the pod's own address, `<pod ipv4>:15001` (127.0.0.1 for a
+    /// pod without IPv4), and `[<pod ipv6>]:15001` when the pod has IPv6: a steered
+    /// application socket then has the pod's address as its local address.
     pub outbound: Vec<TcpListener>,
     /// Inbound plaintext capture, `<pod ip>:15006` for each pod address.
     pub inbound: Vec<TcpListener>,
@@ -187,6 +193,7 @@ fn chain(err: &dyn std::error::Error) -> String {
 /// The programs loaded on this node, and the pods enrolled by this process.
 pub struct Redirect {
     paths: PinPaths,
+    mark: u32,
     metrics: Metrics,
     state: Mutex<State>,
     /// Apart from `state`: looked up on every accepted outbound connection.
@@ -234,6 +241,7 @@ impl Redirect {
         })?;
 
         let mut ebpf = EbpfLoader::new()
+            .override_global(globals::SOCKET_MARK, &config.socket_mark, true)
             .default_map_pin_directory(paths.maps())
             .load(OBJECT)
             .map_err(Error::Object)?;
@@ -259,10 +267,12 @@ impl Redirect {
         tracing::info!(
             pin_root = %config.pin_root.display(),
             cgroup = %cgroup_dir.display(),
+            socket_mark = config.socket_mark,
             "steering programs loaded"
         );
         Ok(Redirect {
             paths,
+            mark: config.socket_mark,
             metrics,
             state: Mutex::new(State {
                 ebpf,
@@ -302,21 +312,15 @@ impl Redirect {
             });
         }
 
-        let mut outbound = vec![netns.listen(
-            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
-            TUNNEL_MARK,
-        )?];
-        if pod.ips.iter().any(IpAddr::is_ipv6) {
-            outbound.push(netns.listen(
-                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT),
-                TUNNEL_MARK,
-            )?);
+        let mut outbound = Vec::with_capacity(2);
+        for capture in capture_addresses(pod) {
+            outbound.push(netns.listen(SocketAddr::new(capture, OUTBOUND_PORT), self.mark)?);
         }
         let mut inbound = Vec::with_capacity(pod.ips.len());
         let mut hbone = Vec::with_capacity(pod.ips.len());
         for ip in &pod.ips {
-            inbound.push(netns.listen(SocketAddr::new(*ip, INBOUND_PORT), TUNNEL_MARK)?);
-            hbone.push(netns.listen(SocketAddr::new(*ip, HBONE_PORT), TUNNEL_MARK)?);
+            inbound.push(netns.listen(SocketAddr::new(*ip, INBOUND_PORT), self.mark)?);
+            hbone.push(netns.listen(SocketAddr::new(*ip, HBONE_PORT), self.mark)?);
         }
 
         // Known from here on, so that `release` undoes whatever part of the registration
@@ -524,6 +528,20 @@ impl Redirect {
         ignore_missing(state.enrolled.remove(&netns_cookie), maps::ENROLLED)?;
         pin::remove_dir(&self.paths.netns_links(netns_cookie))
     }
+}
+
+/// Where a pod's outbound capture listeners go: its first IPv4 address (loopback when
+/// it has none) and its first IPv6 address, if any. The connect programs rewrite to
+/// the same addresses, those [`registered_pod`] registers.
+fn capture_addresses(pod: &PodNetwork) -> Vec<IpAddr> {
+    let v4 = pod
+        .ips
+        .iter()
+        .copied()
+        .find(IpAddr::is_ipv4)
+        .unwrap_or(Ipv4Addr::LOCALHOST.into());
+    let v6 = pod.ips.iter().copied().find(IpAddr::is_ipv6);
+    std::iter::once(v4).chain(v6).collect()
 }
 
 fn registered_pod(pod: &PodNetwork) -> Result<EnrolledPod, Error> {
@@ -794,6 +812,31 @@ mod tests {
         };
         let err = registered_pod(&pod).unwrap_err();
         assert!(err.to_string().contains("pod-1"), "{err}");
+    }
+
+    #[test]
+    fn capture_listeners_are_on_the_registered_addresses() {
+        let pod = |ips: &[&str]| PodNetwork {
+            uid: "pod-1".into(),
+            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            netns: "/var/run/netns/x".into(),
+        };
+        let ips =
+            |ips: &[&str]| -> Vec<IpAddr> { ips.iter().map(|ip| ip.parse().unwrap()).collect() };
+        let dual = pod(&["fd00::1", "10.0.0.1", "10.0.0.2"]);
+        assert_eq!(capture_addresses(&dual), ips(&["10.0.0.1", "fd00::1"]));
+        let registered = registered_pod(&dual).unwrap();
+        assert_eq!(
+            address(capture_addresses(&dual)[0]).words[0],
+            registered.ipv4
+        );
+        assert_eq!(address(capture_addresses(&dual)[1]).words, registered.ipv6);
+        assert_eq!(capture_addresses(&pod(&["10.0.0.1"])), ips(&["10.0.0.1"]));
+        // The programs rewrite an IPv4 connect of a pod without IPv4 to loopback.
+        assert_eq!(
+            capture_addresses(&pod(&["fd00::1"])),
+            ips(&["127.0.0.1", "fd00::1"])
+        );
     }
 
     #[test]
