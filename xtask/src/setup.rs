@@ -13,7 +13,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Debian packages: LLVM for bpf-linker, and the tools the end-to-end tests and
 /// benchmarks drive (iproute2 for namespaces, procps for sysctl inside them, util-linux
-/// for nsenter and setpriv, tcpdump to look at the wire, iperf3).
+/// for nsenter and setpriv, tcpdump to look at the wire, iperf3 and sockperf).
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
@@ -21,6 +21,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
     "tcpdump",
     "iperf3",
+    "sockperf",
 ];
 
 pub fn run() -> Result<()> {

@@ -2,8 +2,10 @@
 //!
 //! A socket belongs, for life, to the network namespace of the thread that created it.
 //! A [`Netns`] owns one thread that has entered a namespace with `setns(2)` and creates
-//! sockets there on request; the sockets are then used from any thread (tokio's
-//! included). The tunnel uses it for the listeners it opens inside each enrolled pod and
+//! sockets there on request (listeners, set-ups); the sockets are then used from any
+//! thread (tokio's included). Connections, made once per proxied connection, skip that
+//! thread: the calling thread enters the namespace, makes the socket and comes back
+//! (two `setns` calls, no wake-up of another thread). The tunnel uses it for the listeners it opens inside each enrolled pod and
 //! for the connections it makes from a pod (source = the pod's address), each carrying
 //! the tunnel's socket mark so the eBPF programs never steer them back into the tunnel.
 //!
@@ -23,7 +25,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, OnceLock, mpsc};
 
 use nix::sched::{CloneFlags, setns};
 use nix::{getsockopt_impl, sockopt_impl};
@@ -84,6 +86,48 @@ pub enum Error {
 }
 
 type Job = Box<dyn FnOnce() + Send>;
+
+/// The tunnel's own network namespace (its main thread's), where a thread that made a
+/// socket in a pod's namespace returns to.
+static HOME: OnceLock<File> = OnceLock::new();
+const HOME_PATH: &str = "/proc/self/ns/net";
+
+/// While it lives, the calling thread is in another network namespace; dropping it
+/// (also when unwinding) returns the thread to the tunnel's own.
+struct Entered;
+
+impl Entered {
+    fn enter(netns: &Netns) -> Result<Entered, Error> {
+        if HOME.get().is_none() {
+            let home = File::open(HOME_PATH).map_err(|source| Error::Open {
+                path: HOME_PATH.into(),
+                source,
+            })?;
+            // Another thread may have set it first: the same namespace.
+            let _ = HOME.set(home);
+        }
+        setns(netns.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| Error::Enter {
+            path: netns.path.clone(),
+            source,
+        })?;
+        Ok(Entered)
+    }
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        let home = HOME
+            .get()
+            .map(|home| setns(home.as_fd(), CloneFlags::CLONE_NEWNET));
+        if !matches!(home, Some(Ok(()))) {
+            // A runtime thread left in a pod's namespace would make the tunnel's later
+            // sockets there: stopping is the only safe answer (it cannot happen with
+            // the namespace file open and the rights that entered the pod's).
+            eprintln!("cannot return to the tunnel's network namespace ({home:?}): aborting");
+            std::process::abort();
+        }
+    }
+}
 
 /// A handle on a network namespace, with a thread inside it that makes sockets there.
 /// Cheap to clone; the thread ends when the last clone is dropped. While it runs, the
@@ -203,10 +247,8 @@ impl Netns {
             dst,
             source,
         };
-        let socket = self
-            .run_async(move || connecting_socket(bind, dst, mark))
-            .await?
-            .map_err(connect_error)?;
+        let socket = self.here(|| connecting_socket(bind, dst, mark))?;
+        let socket = socket.map_err(connect_error)?;
         tokio::net::TcpSocket::from_std_stream(socket)
             .connect(dst)
             .await
@@ -225,6 +267,15 @@ impl Netns {
             Ok(nix::sys::socket::getsockopt(&socket, NetnsCookie)?)
         })?
         .map_err(cookie_error)
+    }
+
+    /// Runs `f` on the calling thread, inside the namespace: sockets `f` makes live
+    /// there. `f` must not block or yield (a few system calls).
+    fn here<T>(&self, f: impl FnOnce() -> T) -> Result<T, Error> {
+        let entered = Entered::enter(self)?;
+        let result = f();
+        drop(entered);
+        Ok(result)
     }
 
     fn submit(&self, job: Job) -> Result<(), Error> {
@@ -365,6 +416,15 @@ mod tests {
                     .expect("connect")
             },
             async { listener.accept().await.expect("accept").0 }
+        );
+        // Made on this thread, inside the namespace; the thread is back in its own.
+        let client_cookie = nix::sys::socket::getsockopt(&client, NetnsCookie).unwrap();
+        assert_eq!(client_cookie, listener_cookie);
+        let after = Socket::new(Domain::IPV4, Type::DGRAM, None).unwrap();
+        assert_eq!(
+            nix::sys::socket::getsockopt(&after, NetnsCookie).unwrap(),
+            nix::sys::socket::getsockopt(&own, NetnsCookie).unwrap(),
+            "the connecting thread did not return to its namespace"
         );
         client.write_all(b"ping").await.unwrap();
         let mut accepted = accepted;

@@ -1,11 +1,20 @@
-//! `cargo xtask bench`: the tunnel against the direct path, in one run, on the same
-//! two-node topology as the end-to-end tests (root).
+//! `cargo xtask bench`: the tunnel against the direct path, on the same two-node
+//! topology as the end-to-end tests (root).
 //!
 //! Node 0 holds the clients, node 1 the servers; one pair of pods is meshed (its
 //! traffic crosses both tunnels as HBONE), the other pair is outside the mesh (the
-//! direct path over the same links). Figures: iperf3 throughput with 1 and 4 streams,
-//! 64-byte ping-pong round trips (p50, p99), new connections per second, both tunnels'
-//! CPU seconds per GB moved, and tunnel memory idle and with 10 000 open connections.
+//! direct path over the same links). Each round measures both paths, their order
+//! swapped from one round to the next, so load from the rest of the machine falls on
+//! both alike; medians and ranges over the rounds are printed. Per path and round:
+//! iperf3 with 1 and 4 streams, sockperf ping-pong of 64 bytes (p50, p99, p99.9 of the
+//! full round trip), new connections one at a time (connect, 1-byte echo, close) and
+//! from several threads at once, and both tunnels' CPU seconds per GB (from /proc).
+//! Tunnel memory: idle, after the bulk transfers (once they have ended and a few
+//! seconds passed), with 10 000 open connections. The machine's steal time and load
+//! over the run are printed with the figures.
+//!
+//! Sections: [`SECTIONS`] lists what a round measures; a section is a function of the
+//! bench and a path that records samples under its keys.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -20,18 +29,24 @@ use ztunnel_tests::{Cluster, Mesh, Pod, PodSpec};
 
 const ECHO_PORT: u16 = 7000;
 const IPERF_PORT: u16 = 5201;
+const SOCKPERF_PORT: u16 = 11111;
 const IPERF_SECONDS: &str = "5";
-const PING_PONGS: usize = 20_000;
+const SOCKPERF_SECONDS: &str = "5";
 const CONNECT_SECONDS: Duration = Duration::from_secs(3);
 const CONNECT_THREADS: usize = 4;
 const OPEN_CONNECTIONS: usize = 10_000;
+/// How long after the bulk transfers the tunnels' memory is read again.
+const SETTLE: Duration = Duration::from_secs(3);
 
 #[derive(clap::Parser)]
 #[command(about = "Benchmark the tunnel against the direct path (root)")]
 struct Args {
-    /// Also write the figures as JSON to this file.
+    /// Also write the medians (and each figure's `_min` and `_max`) as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Rounds over both paths (at least 3 for a median worth the name).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Internal: serve echo in the network namespace at this path until stdin closes
     /// (the server end of the open connections lives in its own process, so neither
     /// end needs more descriptors than the machine's limit).
@@ -42,10 +57,12 @@ struct Args {
     at: Vec<SocketAddr>,
 }
 
-/// One path through the topology: a client pod and a server pod.
+/// One path through the topology: a client pod and a server pod; `prefix` starts its
+/// figures' keys (empty for the tunnel, `direct_` for the direct path).
 struct Path<'a> {
     client: &'a Pod,
     server: &'a Pod,
+    prefix: &'static str,
 }
 
 impl Path<'_> {
@@ -53,6 +70,56 @@ impl Path<'_> {
         SocketAddr::new(self.server.ip().into(), port)
     }
 }
+
+/// What the bench holds while it runs.
+struct Bench<'a> {
+    /// The two tunnels' process ids.
+    tunnels: Vec<u32>,
+    meshed: Path<'a>,
+    direct: Path<'a>,
+}
+
+/// Samples of each figure, one per round, by key.
+#[derive(Default)]
+struct Samples(BTreeMap<String, Vec<f64>>);
+
+impl Samples {
+    fn add(&mut self, path: &Path, key: &str, value: f64) {
+        self.0
+            .entry(format!("{}{key}", path.prefix))
+            .or_default()
+            .push(value);
+    }
+
+    fn add_tunnel(&mut self, key: &str, value: f64) {
+        self.0.entry(key.to_string()).or_default().push(value);
+    }
+
+    fn median(&self, key: &str) -> Option<f64> {
+        let mut values = self.0.get(key)?.clone();
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        Some(if n % 2 == 1 {
+            values[n / 2]
+        } else {
+            (values[n / 2 - 1] + values[n / 2]) / 2.0
+        })
+    }
+
+    fn range(&self, key: &str) -> Option<(f64, f64)> {
+        let values = self.0.get(key)?;
+        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Some((min, max))
+    }
+}
+
+/// A part of a round: measures one path and records its samples.
+type Section = fn(&Bench, &Path, &mut Samples) -> Result<()>;
+
+/// What each round measures on each path, in order. Another section (an L7 one, say)
+/// is one more entry here.
+const SECTIONS: &[(&str, Section)] = &[("l4", l4_section)];
 
 fn main() -> Result<()> {
     let args: Args = clap::Parser::parse();
@@ -62,6 +129,9 @@ fn main() -> Result<()> {
         // Serve until the parent closes our stdin.
         let _ = std::io::stdin().read_to_end(&mut Vec::new());
         return Ok(());
+    }
+    if args.rounds == 0 {
+        bail!("--rounds 0: at least one round is needed");
     }
     let runtime = tokio::runtime::Runtime::new()?;
     let cluster = Cluster::builder().nodes(2).pods_per_node(2).build()?;
@@ -73,58 +143,111 @@ fn main() -> Result<()> {
     ];
     let mut mesh = Mesh::new(&cluster, specs, "")?;
     runtime.block_on(mesh.start_all())?;
-    let tunnels: Vec<u32> = (0..2)
-        .map(|n| mesh.pid(n).context("tunnel not running"))
-        .collect::<Result<_>>()?;
-    let meshed = Path {
-        client: cluster.pod(0, 0),
-        server: cluster.pod(1, 0),
-    };
-    let direct = Path {
-        client: cluster.pod(0, 1),
-        server: cluster.pod(1, 1),
+    let bench = Bench {
+        tunnels: (0..2)
+            .map(|n| mesh.pid(n).context("tunnel not running"))
+            .collect::<Result<_>>()?,
+        meshed: Path {
+            client: cluster.pod(0, 0),
+            server: cluster.pod(1, 0),
+            prefix: "",
+        },
+        direct: Path {
+            client: cluster.pod(0, 1),
+            server: cluster.pod(1, 1),
+            prefix: "direct_",
+        },
     };
     let _echo = [
-        EchoProcess::start(meshed.server)?,
-        EchoProcess::start(direct.server)?,
+        EchoProcess::start(bench.meshed.server)?,
+        EchoProcess::start(bench.direct.server)?,
     ];
 
-    let mut figures = BTreeMap::new();
-    for (prefix, path) in [("", &meshed), ("direct_", &direct)] {
-        let label = if prefix.is_empty() {
-            "tunnel"
+    let machine_before = MachineCpu::read()?;
+    let load_before = load_average()?;
+    let mut samples = Samples::default();
+    std::thread::sleep(Duration::from_secs(1));
+    samples.add_tunnel("rss_idle_mb", rss_mb(&bench.tunnels)?);
+    for round in 0..args.rounds {
+        // Swapped every round: neither path always runs first.
+        let paths = if round % 2 == 0 {
+            [&bench.meshed, &bench.direct]
         } else {
-            "direct"
+            [&bench.direct, &bench.meshed]
         };
-        eprintln!("bench: {label} path");
-        let cpu_before = cpu_seconds(&tunnels)?;
-        let (gbps_1, bytes) = iperf(path, 1)?;
-        let cpu = cpu_seconds(&tunnels)? - cpu_before;
-        figures.insert(format!("{prefix}throughput_1_gbps"), gbps_1);
-        if prefix.is_empty() {
-            figures.insert("cpu_s_per_gb".to_string(), cpu / (bytes / 1e9));
+        for path in paths {
+            for (name, section) in SECTIONS {
+                let label = if path.prefix.is_empty() {
+                    "tunnel"
+                } else {
+                    "direct"
+                };
+                eprintln!(
+                    "bench: round {} of {}, {label} path, {name}",
+                    round + 1,
+                    args.rounds
+                );
+                section(&bench, path, &mut samples)?;
+            }
         }
-        figures.insert(format!("{prefix}throughput_4_gbps"), iperf(path, 4)?.0);
-        let (p50, p99) = ping_pong(path)?;
-        figures.insert(format!("{prefix}rtt_p50_us"), p50);
-        figures.insert(format!("{prefix}rtt_p99_us"), p99);
-        figures.insert(format!("{prefix}conn_per_s"), connection_rate(path)?);
+        std::thread::sleep(SETTLE);
+        samples.add_tunnel("rss_after_bulk_mb", rss_mb(&bench.tunnels)?);
     }
-    eprintln!("bench: tunnel memory");
-    figures.insert("rss_idle_mb".to_string(), rss_mb(&tunnels)?);
-    let open = open_connections(&meshed)?;
+    eprintln!("bench: 10 000 open connections");
+    let open = open_connections(&bench.meshed)?;
     std::thread::sleep(Duration::from_millis(500));
-    figures.insert("rss_10k_mb".to_string(), rss_mb(&tunnels)?);
+    samples.add_tunnel("rss_10k_mb", rss_mb(&bench.tunnels)?);
     drop(open);
+    let steal = MachineCpu::read()?.steal_share_since(&machine_before);
+    let load_after = load_average()?;
 
-    print_table(&figures);
+    println!(
+        "{} rounds; machine: {} CPUs, load average {load_before} at the start, {load_after} \
+         at the end, steal {:.1} % of CPU time",
+        args.rounds,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        steal * 100.0
+    );
+    print_table(&samples);
     if let Some(file) = args.json {
-        std::fs::write(&file, serde_json::to_string_pretty(&figures)? + "\n")
+        let mut json = serde_json::Map::new();
+        json.insert("rounds".into(), args.rounds.into());
+        json.insert("steal_percent".into(), (steal * 100.0).into());
+        for key in samples.0.keys() {
+            if let (Some(median), Some((min, max))) = (samples.median(key), samples.range(key)) {
+                json.insert(key.clone(), median.into());
+                json.insert(format!("{key}_min"), min.into());
+                json.insert(format!("{key}_max"), max.into());
+            }
+        }
+        std::fs::write(&file, serde_json::to_string_pretty(&json)? + "\n")
             .with_context(|| format!("cannot write {}", file.display()))?;
         println!("figures written to {}", file.display());
     }
     drop(mesh);
     drop(cluster);
+    Ok(())
+}
+
+/// The L4 figures of one path: bulk throughput (and, through the tunnels, CPU per GB
+/// and the tunnels' peak memory), round trips, new connections.
+fn l4_section(bench: &Bench, path: &Path, samples: &mut Samples) -> Result<()> {
+    let cpu_before = cpu_seconds(&bench.tunnels)?;
+    let (gbps_1, bytes_1) = iperf(path, 1)?;
+    let (gbps_4, bytes_4) = iperf(path, 4)?;
+    let cpu = cpu_seconds(&bench.tunnels)? - cpu_before;
+    samples.add(path, "throughput_1_gbps", gbps_1);
+    samples.add(path, "throughput_4_gbps", gbps_4);
+    if path.prefix.is_empty() {
+        samples.add_tunnel("cpu_s_per_gb", cpu / ((bytes_1 + bytes_4) / 1e9));
+        samples.add_tunnel("rss_bulk_peak_mb", peak_rss_mb(&bench.tunnels)?);
+    }
+    let [p50, p99, p999] = sockperf(path)?;
+    samples.add(path, "rtt_p50_us", p50);
+    samples.add(path, "rtt_p99_us", p99);
+    samples.add(path, "rtt_p999_us", p999);
+    samples.add(path, "seq_conn_per_s", sequential_connection_rate(path)?);
+    samples.add(path, "conn_per_s", connection_rate(path)?);
     Ok(())
 }
 
@@ -179,20 +302,65 @@ fn wait_listening(pod: &Pod, port: u16) -> Result<()> {
     Ok(())
 }
 
-/// 64-byte request, 64-byte answer, over one connection: p50 and p99 in microseconds.
-fn ping_pong(path: &Path) -> Result<(f64, f64)> {
-    let mut tcp = connect(path.client, path.target(ECHO_PORT))?;
-    let mut buf = [7u8; 64];
-    let mut samples = Vec::with_capacity(PING_PONGS);
-    for _ in 0..PING_PONGS {
+/// sockperf ping-pong, 64-byte messages over one TCP connection: p50, p99 and p99.9 of
+/// the full round trip, in microseconds.
+fn sockperf(path: &Path) -> Result<[f64; 3]> {
+    let mut server = path
+        .server
+        .command("sockperf")
+        .args(["server", "--tcp", "-i", &path.server.ip().to_string()])
+        .args(["-p", &SOCKPERF_PORT.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("cannot start sockperf (cargo xtask setup installs it)")?;
+    let listening = wait_listening(path.server, SOCKPERF_PORT);
+    let out = listening.and_then(|()| {
+        Ok(path
+            .client
+            .command("sockperf")
+            .args(["ping-pong", "--tcp", "-i", &path.server.ip().to_string()])
+            .args(["-p", &SOCKPERF_PORT.to_string(), "-m", "64"])
+            .args(["-t", SOCKPERF_SECONDS, "--full-rtt"])
+            .output()?)
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    let out = out?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let percentile = |which: &str| -> Result<f64> {
+        let wanted = format!("percentile {which} =");
+        text.lines()
+            .find_map(|line| line.split_once(&wanted).map(|(_, v)| v.trim().parse().ok()))
+            .flatten()
+            .with_context(|| format!("no {wanted} in sockperf's output:\n{text}"))
+    };
+    Ok([
+        percentile("50.000")?,
+        percentile("99.000")?,
+        percentile("99.900")?,
+    ])
+}
+
+/// New connections per second made one at a time: connect, a one-byte echo, close,
+/// then the next. The client runs on a thread inside the client pod's namespace.
+fn sequential_connection_rate(path: &Path) -> Result<f64> {
+    let target = path.target(ECHO_PORT);
+    let netns = path.client.netns()?;
+    netns.run(move || -> Result<f64> {
         let start = Instant::now();
-        tcp.write_all(&buf)?;
-        tcp.read_exact(&mut buf)?;
-        samples.push(start.elapsed().as_secs_f64() * 1e6);
-    }
-    samples.sort_by(f64::total_cmp);
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
-    Ok((at(0.50), at(0.99)))
+        let mut done = 0u64;
+        while start.elapsed() < CONNECT_SECONDS {
+            let mut tcp = TcpStream::connect(target)?;
+            tcp.set_nodelay(true)?;
+            tcp.write_all(b"x")?;
+            let mut b = [0u8; 1];
+            tcp.read_exact(&mut b)?;
+            done += 1;
+        }
+        Ok(done as f64 / start.elapsed().as_secs_f64())
+    })?
 }
 
 /// New connections per second, each a connect, a one-byte echo and a close, from
@@ -253,12 +421,6 @@ fn open_connections(path: &Path) -> Result<Vec<TcpStream>> {
     Ok(open)
 }
 
-fn connect(pod: &Pod, target: SocketAddr) -> Result<TcpStream> {
-    let tcp = pod.netns()?.run(move || TcpStream::connect(target))??;
-    tcp.set_nodelay(true)?;
-    Ok(tcp)
-}
-
 /// User plus system CPU seconds of the processes so far.
 fn cpu_seconds(pids: &[u32]) -> Result<f64> {
     let mut ticks = 0u64;
@@ -287,17 +449,64 @@ fn clock_ticks_per_second() -> Result<u64> {
 
 /// The larger resident set of the tunnels, in MB.
 fn rss_mb(pids: &[u32]) -> Result<f64> {
+    largest_status_mb(pids, "VmRSS:")
+}
+
+/// The larger peak resident set of the tunnels so far, in MB.
+fn peak_rss_mb(pids: &[u32]) -> Result<f64> {
+    largest_status_mb(pids, "VmHWM:")
+}
+
+fn largest_status_mb(pids: &[u32], field: &str) -> Result<f64> {
     let mut largest = 0f64;
     for pid in pids {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let kb: f64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmRSS")?;
+            .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
         largest = largest.max(kb / 1024.0);
     }
     Ok(largest)
+}
+
+/// The machine's CPU time from /proc/stat: all of it and the part stolen by the
+/// hypervisor, in ticks.
+struct MachineCpu {
+    total: u64,
+    steal: u64,
+}
+
+impl MachineCpu {
+    fn read() -> Result<MachineCpu> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let line = stat
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .context("no cpu line in /proc/stat")?;
+        let fields: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .context("malformed cpu line in /proc/stat")?;
+        // user nice system idle iowait irq softirq steal (guest time is in user).
+        let total = fields.iter().take(8).sum();
+        let steal = fields.get(7).copied().unwrap_or(0);
+        Ok(MachineCpu { total, steal })
+    }
+
+    fn steal_share_since(&self, before: &MachineCpu) -> f64 {
+        let total = self.total.saturating_sub(before.total).max(1);
+        self.steal.saturating_sub(before.steal) as f64 / total as f64
+    }
+}
+
+/// The 1-minute load average.
+fn load_average() -> Result<String> {
+    let text = std::fs::read_to_string("/proc/loadavg")?;
+    Ok(text.split_whitespace().next().unwrap_or("?").to_string())
 }
 
 /// This program again, serving echo on every address of a pod; stopped on drop.
@@ -380,27 +589,32 @@ impl Drop for EchoServer {
     }
 }
 
-fn print_table(figures: &BTreeMap<String, f64>) {
+fn print_table(samples: &Samples) {
     let rows = [
         ("throughput, 1 stream (Gbit/s)", "throughput_1_gbps"),
         ("throughput, 4 streams (Gbit/s)", "throughput_4_gbps"),
         ("RTT p50, 64 B (us)", "rtt_p50_us"),
         ("RTT p99, 64 B (us)", "rtt_p99_us"),
-        ("new connections per second", "conn_per_s"),
+        ("RTT p99.9, 64 B (us)", "rtt_p999_us"),
+        ("new connections/s, one at a time", "seq_conn_per_s"),
+        ("new connections/s, 4 threads", "conn_per_s"),
         ("CPU s per GB, both tunnels", "cpu_s_per_gb"),
         ("tunnel RSS idle (MB)", "rss_idle_mb"),
+        ("tunnel RSS peak during bulk (MB)", "rss_bulk_peak_mb"),
+        ("tunnel RSS after bulk (MB)", "rss_after_bulk_mb"),
         ("tunnel RSS, 10 000 connections (MB)", "rss_10k_mb"),
     ];
-    println!("{:<38} {:>12} {:>12}", "", "tunnel", "direct");
+    println!(
+        "{:<38} {:>26} {:>26}",
+        "median [min-max]", "tunnel", "direct"
+    );
     for (label, key) in rows {
-        let cell = |key: &str| {
-            figures
-                .get(key)
-                .map(|v| format!("{v:.2}"))
-                .unwrap_or_else(|| "-".to_string())
+        let cell = |key: &str| match (samples.median(key), samples.range(key)) {
+            (Some(median), Some((min, max))) => format!("{median:.2} [{min:.2}-{max:.2}]"),
+            _ => "-".to_string(),
         };
         println!(
-            "{label:<38} {:>12} {:>12}",
+            "{label:<38} {:>26} {:>26}",
             cell(key),
             cell(&format!("direct_{key}"))
         );
