@@ -194,7 +194,7 @@ impl Reloader {
 
 /// The settings that differ and only apply at start.
 fn restart_fields(old: &Settings, new: &Settings) -> Vec<&'static str> {
-    let fields: [(&str, bool); 7] = [
+    let fields: [(&str, bool); 8] = [
         ("ca", old.ca != new.ca),
         (
             "ca.trustBundleFile",
@@ -208,6 +208,7 @@ fn restart_fields(old: &Settings, new: &Settings) -> Vec<&'static str> {
         ("metricsAddress", old.metrics_address != new.metrics_address),
         ("bpfPinRoot", old.bpf_pin_root != new.bpf_pin_root),
         ("logLevel", old.log_level != new.log_level),
+        ("logFormat", old.log_format != new.log_format),
     ];
     fields
         .into_iter()
