@@ -429,6 +429,20 @@ fn sweep_orphans() {
             eprintln!("cannot remove pins {}: {err}", path.display());
         }
     }
+    remove_pin_root_if_empty();
+}
+
+/// A pin directory for this process under the default pin root, named so that
+/// [`Cluster::builder`]'s sweep removes it once this process is gone (a test killed
+/// with SIGKILL never cleans up after itself).
+pub(crate) fn pin_dir(suffix: &str) -> PathBuf {
+    Path::new(DEFAULT_PIN_ROOT).join(format!("{PREFIX}{}-{suffix}", std::process::id()))
+}
+
+/// Removes the default pin root when nothing is pinned under it any more, so tests
+/// leave no empty directory behind (a directory still in use is left alone).
+pub fn remove_pin_root_if_empty() {
+    let _ = std::fs::remove_dir(DEFAULT_PIN_ROOT);
 }
 
 /// Entries of `dir` named by the harness for a process that no longer runs.

@@ -13,6 +13,6 @@ mod cluster;
 mod mesh;
 
 pub use capture::{Capture, contains};
-pub use cluster::{Cluster, ClusterBuilder, Node, Pod, require_root};
+pub use cluster::{Cluster, ClusterBuilder, Node, Pod, remove_pin_root_if_empty, require_root};
 pub use mesh::{Mesh, PodSpec, SEED_POLICIES, ztunnel_binary};
 pub use ztunnel;

@@ -145,11 +145,13 @@ impl Mesh {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        // Named after the scratch directory: unique on this machine.
-        let pin_parent = Path::new("/sys/fs/bpf").join(
-            dir.path()
+        // Named after this process and the scratch directory: unique on this machine,
+        // and swept by the next cluster built once this process is gone.
+        let pin_parent = crate::cluster::pin_dir(
+            &dir.path()
                 .file_name()
-                .context("the scratch directory has a name")?,
+                .context("the scratch directory has a name")?
+                .to_string_lossy(),
         );
         let mut nodes = Vec::new();
         for node in cluster.nodes() {
@@ -327,6 +329,7 @@ impl Drop for Mesh {
         {
             eprintln!("cannot remove pins {}: {err}", parent.display());
         }
+        crate::cluster::remove_pin_root_if_empty();
     }
 }
 

@@ -278,7 +278,7 @@ async fn applications_see_their_own_pod_address_and_the_server_tunnel_logs_it() 
                 let log = setup.mesh.log(node);
                 if log
                     .lines()
-                    .any(|l| l.contains("Destination") && l.contains(&wanted))
+                    .any(|l| l.contains("direction=\"inbound\"") && l.contains(&wanted))
                 {
                     break;
                 }

@@ -32,6 +32,7 @@ impl Drop for PinGuard {
         {
             eprintln!("cannot remove pins {}: {err}", self.0.display());
         }
+        ztunnel_tests::remove_pin_root_if_empty();
     }
 }
 

@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what a fresh machine lacks: nightly rust-src, bpf-linker (LLVM 22), Debian tools.
+    /// Install what a fresh machine lacks: nightly rust-src, bpf-linker (LLVM 22), Debian
+    /// tools, helm.
     Setup,
     /// Build the eBPF object (ebpf/programs) and print its path. `cargo build` of the
     /// ztunnel crate does the same on its own and embeds the object.

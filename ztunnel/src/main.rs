@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use ztunnel::admin::{LogControl, LogFormat};
 use ztunnel::identity::{self, CaFiles, Identity, InProcessCa};
 use ztunnel::kube::ca::{
     Authorizer, AuthorizerConfig, CaServer, CaServerConfig, DEFAULT_AUDIENCE, Metrics, RootStore,
@@ -16,6 +17,10 @@ use ztunnel::{app, check};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr: `text` (coloured only on a terminal) or `json` (one object
+    /// per line). For `run --config`, overrides the file's `logFormat`.
+    #[arg(long, global = true, env = "LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Subcommand)]
@@ -166,10 +171,11 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
-    let outcome = match Cli::parse().command {
-        Command::Run(args) => run_tunnel(args),
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Run(args) => run_tunnel(args, cli.log_format),
         Command::Check(args) => return ExitCode::from(check::run(&args)),
-        Command::Ca(ca) => run_ca(ca),
+        Command::Ca(ca) => run_ca(ca, cli.log_format.unwrap_or_default()),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -180,14 +186,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_tunnel(args: RunArgs) -> Result<()> {
+fn run_tunnel(args: RunArgs, log_format: Option<LogFormat>) -> Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    let (source, log_level) = match args.config {
+    let (source, log_level, file_format) = match args.config {
         Some(path) => {
             let config = ztunnel::config::load(&path)?;
             let level = config.settings.log_level.clone();
-            (app::Source::File(config), level)
+            let format = config.settings.log_format;
+            (app::Source::File(config), level, format)
         }
         None => {
             let node = args
@@ -227,14 +234,14 @@ fn run_tunnel(args: RunArgs) -> Result<()> {
                 proc_root: args.proc_root,
                 ca,
             };
-            (app::Source::Kube(kube), level)
+            (app::Source::Kube(kube), level, LogFormat::default())
         }
     };
-    let log = ztunnel::admin::LogControl::init(&log_level)?;
+    let log = LogControl::init(&log_level, log_format.unwrap_or(file_format))?;
     runtime.block_on(app::run(source, log))
 }
 
-fn run_ca(command: CaCommand) -> Result<()> {
+fn run_ca(command: CaCommand, log_format: LogFormat) -> Result<()> {
     match command {
         CaCommand::Init { dir, trust_domain } => {
             let files = identity::init_ca(&dir, &trust_domain)?;
@@ -242,22 +249,18 @@ fn run_ca(command: CaCommand) -> Result<()> {
             Ok(())
         }
         CaCommand::Issue { dir, identity, out } => issue(&dir, &identity, &out),
-        CaCommand::Serve(args) => runtime()?.block_on(ca_serve(args)),
+        CaCommand::Serve(args) => runtime(log_format)?.block_on(ca_serve(args)),
         CaCommand::Rotate {
             step,
             secret,
             trust_domain,
-        } => runtime()?.block_on(ca_rotate(step, &secret, &trust_domain)),
+        } => runtime(log_format)?.block_on(ca_rotate(step, &secret, &trust_domain)),
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+fn runtime(log_format: LogFormat) -> Result<tokio::runtime::Runtime> {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
+    LogControl::init(&filter, log_format)?;
     // The Kubernetes client's TLS uses the process-wide provider.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     tokio::runtime::Runtime::new().context("cannot start the async runtime")

@@ -54,7 +54,7 @@ fn logged(destination: SocketAddr) -> Vec<String> {
     let text = String::from_utf8_lossy(&access_log().lock().unwrap()).into_owned();
     let dst = format!("dst.addr={destination} ");
     text.lines()
-        .filter(|l| l.contains("connection closed") && l.contains("reporter=Destination"))
+        .filter(|l| l.contains("connection complete") && l.contains("direction=\"inbound\""))
         .filter(|l| l.contains(&dst))
         .map(str::to_owned)
         .collect()

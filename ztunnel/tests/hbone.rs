@@ -343,11 +343,13 @@ async fn one_access_log_event_per_connection_at_close() {
     assert_eq!(events.len(), 2, "one per tunnel: {text}");
     for event in &events {
         let fields = &event["fields"];
-        assert_eq!(fields["message"], "connection closed");
+        assert_eq!(fields["message"], "connection complete");
         assert_eq!(
             fields["src.identity"],
             "spiffe://cluster.local/ns/front/sa/client"
         );
+        assert_eq!(fields["src.workload"], "client");
+        assert_eq!(fields["src.namespace"], "front");
         assert_eq!(
             fields["dst.identity"],
             "spiffe://cluster.local/ns/back/sa/server"
@@ -356,10 +358,24 @@ async fn one_access_log_event_per_connection_at_close() {
         // The server tunnel learns the application's address from `forwarded`.
         assert_eq!(fields["src.addr"], client_addr.to_string());
         assert_eq!(fields["bytes_sent"], 10);
-        assert_eq!(fields["bytes_received"], 10);
-        assert_eq!(fields["result"], "ok");
-        assert!(fields["duration_ms"].is_u64());
+        assert_eq!(fields["bytes_recv"], 10);
+        assert!(fields.get("error").is_none(), "{fields}");
+        let duration = fields["duration"].as_str().unwrap();
+        assert!(
+            duration
+                .strip_suffix("ms")
+                .is_some_and(|ms| ms.parse::<u64>().is_ok()),
+            "{duration}"
+        );
     }
+    let directions: Vec<&str> = events
+        .iter()
+        .map(|e| e["fields"]["direction"].as_str().unwrap())
+        .collect();
+    assert!(
+        directions.contains(&"outbound") && directions.contains(&"inbound"),
+        "{directions:?}"
+    );
     assert!(events[0]["fields"]["traceparent"].is_string());
     assert_eq!(
         events[0]["fields"]["traceparent"],

@@ -1,5 +1,7 @@
 //! The log filter, changeable at run time through `/logging`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
@@ -24,6 +26,18 @@ fn parse(filter: &str) -> Result<EnvFilter, Error> {
     })
 }
 
+/// How log lines are written to stderr.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines; coloured only when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message` and the
+    /// event's fields at the top level (access-log events carry Istio's field names).
+    Json,
+}
+
 /// A handle on the process's log filter.
 #[derive(Clone)]
 pub struct LogControl {
@@ -38,12 +52,32 @@ impl LogControl {
     }
 
     /// Installs the process-wide logger: `filter` (tracing `EnvFilter` syntax, e.g.
-    /// `info,ztunnel::policy=debug`) in front of a text formatter on stderr.
-    pub fn init(filter: &str) -> Result<LogControl, Error> {
+    /// `info,ztunnel::policy=debug`) in front of a formatter on stderr in `format`.
+    pub fn init(filter: &str, format: LogFormat) -> Result<LogControl, Error> {
         let (layer, control) = LogControl::layer(filter)?;
+        let (text, json) = match format {
+            LogFormat::Text => (
+                Some(
+                    tracing_subscriber::fmt::layer()
+                        .with_ansi(std::io::stderr().is_terminal())
+                        .with_writer(std::io::stderr),
+                ),
+                None,
+            ),
+            LogFormat::Json => (
+                None,
+                Some(
+                    tracing_subscriber::fmt::layer()
+                        .json()
+                        .flatten_event(true)
+                        .with_writer(std::io::stderr),
+                ),
+            ),
+        };
         tracing_subscriber::registry()
             .with(layer)
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(text)
+            .with(json)
             .try_init()?;
         Ok(control)
     }

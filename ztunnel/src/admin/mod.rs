@@ -7,6 +7,7 @@
 
 mod logging;
 mod readiness;
+mod status;
 
 #[cfg(test)]
 mod tests;
@@ -30,8 +31,9 @@ use tracing::{debug, info, warn};
 use crate::config::Settings;
 use crate::state::State;
 
-pub use logging::{Error as LogError, LogControl};
+pub use logging::{Error as LogError, LogControl, LogFormat};
 pub use readiness::{Condition, Readiness};
+pub use status::register as register_status;
 
 /// Produces the `certificates` section of `/config_dump` (identity, serial, expiry of
 /// each certificate held).
@@ -245,11 +247,7 @@ fn set_log_level(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>
 }
 
 fn ready(admin: &Admin) -> Response<Full<Bytes>> {
-    let mut waiting = Vec::new();
-    if !admin.state.is_loaded() {
-        waiting.push("config".to_string());
-    }
-    waiting.extend(admin.readiness.pending());
+    let waiting = status::waiting(&admin.state, &admin.readiness);
     if waiting.is_empty() {
         text(StatusCode::OK, "ready\n")
     } else {

@@ -116,6 +116,8 @@ impl Tunnel {
         };
         let steered_only = matches!(running, Running::Kube(_));
         let certs = CertManager::new(ca, provider, identity::Metrics::register(&mut registry));
+        identity::gauges::register(&mut registry, certs.clone(), trust.clone());
+        admin::register_status(&mut registry, state.clone(), readiness.clone());
         let tls_metrics = tls::Metrics::register(&mut registry);
         let redirect_metrics = redirect::Metrics::register(&mut registry);
         let mtls = Mtls::new(

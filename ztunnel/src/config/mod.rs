@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::admin::LogFormat;
 use crate::identity::{CaFiles, Identity};
 use crate::policy::{Document, Labels, PathNormalization, Policy};
 use crate::state::{
@@ -76,6 +77,8 @@ pub struct Settings {
     pub bpf_pin_root: PathBuf,
     /// Initial log filter (tracing `EnvFilter` syntax); `/logging` changes it at run time.
     pub log_level: String,
+    /// How log lines are written (`text` or `json`); `--log-format` overrides it.
+    pub log_format: LogFormat,
     /// A SOCKS5 capture listener on a loopback address (no eBPF needed); off by default.
     pub socks5_address: Option<SocketAddr>,
     /// How long open connections may finish after SIGTERM before they are closed.
@@ -107,6 +110,7 @@ impl Settings {
             socket_mark: DEFAULT_SOCKET_MARK,
             bpf_pin_root: PathBuf::from(DEFAULT_BPF_PIN_ROOT),
             log_level: DEFAULT_LOG_LEVEL.to_string(),
+            log_format: LogFormat::Text,
             socks5_address: None,
             drain_grace_period_seconds: DEFAULT_DRAIN_GRACE_PERIOD_SECONDS,
             excluded_peers: Vec::new(),
@@ -163,6 +167,8 @@ struct File {
     bpf_pin_root: PathBuf,
     #[serde(default = "default_log_level")]
     log_level: String,
+    #[serde(default)]
+    log_format: LogFormat,
     socks5_address: Option<SocketAddr>,
     #[serde(default = "default_drain_grace")]
     drain_grace_period_seconds: u64,
@@ -362,6 +368,7 @@ impl Checker<'_> {
             socket_mark: file.socket_mark,
             bpf_pin_root: file.bpf_pin_root,
             log_level: file.log_level,
+            log_format: file.log_format,
             socks5_address: file.socks5_address,
             drain_grace_period_seconds: file.drain_grace_period_seconds,
             excluded_peers: file.excluded_peers,

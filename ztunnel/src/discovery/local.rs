@@ -194,7 +194,7 @@ impl Reloader {
 
 /// The settings that differ and only apply at start.
 fn restart_fields(old: &Settings, new: &Settings) -> Vec<&'static str> {
-    let fields: [(&str, bool); 8] = [
+    let fields = [
         ("ca", old.ca != new.ca),
         (
             "ca.trustBundleFile",
@@ -209,6 +209,7 @@ fn restart_fields(old: &Settings, new: &Settings) -> Vec<&'static str> {
         ("socketMark", old.socket_mark != new.socket_mark),
         ("bpfPinRoot", old.bpf_pin_root != new.bpf_pin_root),
         ("logLevel", old.log_level != new.log_level),
+        ("logFormat", old.log_format != new.log_format),
     ];
     fields
         .into_iter()

@@ -5,6 +5,7 @@ mod bundle;
 mod ca;
 mod certificate;
 mod error;
+pub mod gauges;
 mod manager;
 mod spiffe;
 

@@ -12,7 +12,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tracing::info;
 
 use super::Mesh;
 use super::copy::Meter;
@@ -395,7 +394,11 @@ impl<'m> ConnectionRecord<'m> {
         }
     }
 
-    /// Counts the connection closed and logs it with its result.
+    /// Counts the connection closed and writes its access-log event, with the field
+    /// names of Istio's ztunnel (`src.addr`, `src.workload`, ..., `bytes_sent`,
+    /// `bytes_recv`, `duration`, `error`). Bytes are counted from the reporting
+    /// workload's side: outbound, `bytes_sent` is what the client sent; inbound, what
+    /// the destination sent.
     pub fn close(mut self, result: Result<(), String>) {
         self.finish(result);
     }
@@ -409,25 +412,41 @@ impl<'m> ConnectionRecord<'m> {
         self.metrics.release_series(&self.labels);
         let e = &self.endpoints;
         let id = |i: &Option<Identity>| i.as_ref().map(|i| i.to_string());
-        let (outcome, reason) = match &result {
-            Ok(()) => ("ok", None),
-            Err(reason) => ("error", Some(reason.as_str())),
+        let name = |w: &Option<(String, String)>| w.as_ref().map(|(name, _)| name.clone());
+        let namespace = |w: &Option<(String, String)>| w.as_ref().map(|(_, ns)| ns.clone());
+        let (direction, bytes_sent, bytes_recv) = match self.labels.reporter {
+            Reporter::Source => ("outbound", self.received.get(), self.sent.get()),
+            Reporter::Destination => ("inbound", self.sent.get(), self.received.get()),
         };
-        info!(
-            target: "access",
-            reporter = ?self.labels.reporter,
-            src.addr = %e.source,
-            src.identity = id(&e.source_identity),
-            dst.addr = %e.destination,
-            dst.identity = id(&e.destination_identity),
-            traceparent = e.traceparent.as_deref(),
-            bytes_sent = self.sent.get(),
-            bytes_received = self.received.get(),
-            duration_ms = self.start.elapsed().as_millis() as u64,
-            result = outcome,
-            reason,
-            "connection closed"
-        );
+        let duration = format!("{}ms", self.start.elapsed().as_millis());
+        let error = result.as_ref().err().map(String::as_str);
+        macro_rules! access {
+            ($level:ident) => {
+                tracing::event!(
+                    target: "access",
+                    tracing::Level::$level,
+                    src.addr = %e.source,
+                    src.workload = name(&e.source_workload),
+                    src.namespace = namespace(&e.source_workload),
+                    src.identity = id(&e.source_identity),
+                    dst.addr = %e.destination,
+                    dst.workload = name(&e.destination_workload),
+                    dst.namespace = namespace(&e.destination_workload),
+                    dst.identity = id(&e.destination_identity),
+                    direction,
+                    traceparent = e.traceparent.as_deref(),
+                    bytes_sent,
+                    bytes_recv,
+                    duration,
+                    error,
+                    "connection complete"
+                )
+            };
+        }
+        match error {
+            None => access!(INFO),
+            Some(_) => access!(WARN),
+        }
     }
 }
 
