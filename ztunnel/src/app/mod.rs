@@ -109,6 +109,7 @@ impl Tunnel {
                     state.clone(),
                     tracker,
                     discovery::Metrics::register(&mut registry),
+                    &readiness,
                 );
                 (Arc::new(client), Running::Kube(discovery))
             }
