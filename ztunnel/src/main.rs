@@ -379,7 +379,7 @@ fn issue(dir: &Path, id: &Identity, out: &Path) -> Result<()> {
     let key = rcgen::KeyPair::generate().context("cannot generate a key pair")?;
     let chain = ca.issue(id, &key)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let pem = |der: &[u8]| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()));
+    let pem = |der: &[u8]| ztunnel::kube::ca::pem_lf("CERTIFICATE", der);
     let write = |name: &str, contents: String| {
         let path = out.join(name);
         std::fs::write(&path, contents).with_context(|| format!("cannot write {}", path.display()))

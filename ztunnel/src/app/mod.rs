@@ -110,6 +110,7 @@ impl Tunnel {
                     state.clone(),
                     tracker,
                     discovery::Metrics::register(&mut registry),
+                    &readiness,
                 );
                 (Arc::new(client), Running::Kube(discovery))
             }

@@ -9,8 +9,14 @@
 //! - For meshed pods on this node, the network namespace comes from /proc
 //!   ([`super::pod_netns`]); until it is found the pod has none and the scan is retried.
 //! - Watches back off after errors and resume; a watch that lost its place lists again.
-//!   Nothing is published before every resource has been listed once, so the first
-//!   snapshot is complete.
+//!   Nothing is published before Pods, Namespaces and both policy kinds have been listed
+//!   once (they decide which pods are meshed and what they may do); Services and
+//!   EndpointSlices are waited for at most [`LIST_GRACE`], then published once listed.
+//!   Each resource is a readiness condition until its first list, and
+//!   `ztunnel_discovery_resource_ready{resource}` is 0 while its watch fails.
+//! - EndpointSlices are read as `discovery.k8s.io/v1`, or as `v1beta1` from an API server
+//!   that does not serve v1 (Kubernetes 1.20 and older).
+//! - A snapshot is published only when it differs from the last one.
 //! - A policy that does not compile is left out, logged with its name and problem, and
 //!   counted; the others apply.
 
@@ -30,11 +36,14 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use super::ApiError;
 use super::pod_netns::{NetnsTracker, PodNetns, PodUid};
+use crate::admin::{Condition, Readiness};
 use crate::identity::Identity;
 use crate::policy::{Document, Labels, Policy};
 use crate::state::{
@@ -50,6 +59,11 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const SETTLE: Duration = Duration::from_millis(50);
 /// How often /proc is scanned again while a local meshed pod's namespace is not found.
 pub const NETNS_RETRY: Duration = Duration::from_millis(500);
+/// How long the first snapshot waits for Services and EndpointSlices once the resources
+/// it cannot do without are listed.
+pub const LIST_GRACE: Duration = Duration::from_secs(5);
+/// EndpointSlices' API group; `v1` is served since Kubernetes 1.21.
+const ENDPOINT_SLICE_GROUP: &str = "discovery.k8s.io";
 
 /// What is not taken from the API server.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -306,8 +320,8 @@ fn convert_service(
                 http: speaks_http(port.name.as_deref(), port.app_protocol.as_deref()),
             }),
             None => rejected.push(format!(
-                "service {namespace}/{name} port {number}: target port {:?} is not resolved by its EndpointSlices yet",
-                port.target_port
+                "service {namespace}/{name} port {number}: target port {} is not resolved by its EndpointSlices yet",
+                target_port_text(port.target_port.as_ref(), number)
             )),
         }
     }
@@ -324,6 +338,15 @@ fn convert_service(
             .collect::<Labels>(),
         subject_alt_names: Vec::new(),
     })
+}
+
+/// A service port's `targetPort` as written: a name in quotes, or a number.
+fn target_port_text(target: Option<&IntOrString>, port: u16) -> String {
+    match target {
+        Some(IntOrString::String(name)) => format!("\"{name}\""),
+        Some(IntOrString::Int(n)) => n.to_string(),
+        None => port.to_string(),
+    }
 }
 
 fn compile_policy(object: &DynamicObject) -> Result<Policy, String> {
@@ -371,6 +394,7 @@ pub struct Metrics {
     published: Counter,
     rejected: Counter,
     watch_errors: Family<ResourceLabel, Counter>,
+    resource_ready: Family<ResourceLabel, Gauge>,
 }
 
 impl Metrics {
@@ -391,6 +415,11 @@ impl Metrics {
             "Watch errors by resource (each is retried with backoff)",
             metrics.watch_errors.clone(),
         );
+        registry.register(
+            "ztunnel_discovery_resource_ready",
+            "1 once a resource is listed and its watch delivers; 0 before and from a watch error until it delivers again",
+            metrics.resource_ready.clone(),
+        );
         metrics
     }
 
@@ -403,11 +432,18 @@ impl Metrics {
     }
 
     pub fn watch_errors(&self, resource: &str) -> u64 {
-        self.watch_errors
-            .get_or_create(&ResourceLabel {
-                resource: resource.to_string(),
-            })
-            .get()
+        self.watch_errors.get_or_create(&label(resource)).get()
+    }
+
+    /// Whether `resource` is listed and its watch healthy (the gauge's value).
+    pub fn resource_ready(&self, resource: &str) -> bool {
+        self.resource_ready.get_or_create(&label(resource)).get() == 1
+    }
+}
+
+fn label(resource: &str) -> ResourceLabel {
+    ResourceLabel {
+        resource: resource.to_string(),
     }
 }
 
@@ -443,33 +479,56 @@ impl Stores {
         }
     }
 
-    async fn wait_until_ready(&self) -> bool {
-        let ready = [
-            self.pods.wait_until_ready().await,
-            self.namespaces.wait_until_ready().await,
-            self.services.wait_until_ready().await,
-            self.endpoint_slices.wait_until_ready().await,
-        ];
-        let mut ok = ready.iter().all(Result::is_ok);
+    /// Waits until the resources nothing is published without have been listed; false
+    /// when a watch stopped first.
+    async fn wait_until_required(&self) -> bool {
+        let mut ok = self.pods.wait_until_ready().await.is_ok();
+        ok &= self.namespaces.wait_until_ready().await.is_ok();
         for store in &self.policies {
             ok &= store.wait_until_ready().await.is_ok();
         }
         ok
     }
+
+    /// Waits at most `grace` for Services and EndpointSlices.
+    async fn wait_for_optional(&self, grace: Duration) {
+        let both = async {
+            let _ = self.services.wait_until_ready().await;
+            let _ = self.endpoint_slices.wait_until_ready().await;
+        };
+        let _ = tokio::time::timeout(grace, both).await;
+    }
 }
 
+/// Every watched resource, as named in logs, metrics and readiness.
+const RESOURCES: [&str; 6] = [
+    "pods",
+    "namespaces",
+    "services",
+    "endpointslices",
+    "peerauthentications",
+    "authorizationpolicies",
+];
+
 impl KubeSource {
-    /// Starts the watches and publishes into `state` once all have listed, then after
-    /// every change. `tracker` finds local pods' network namespaces.
+    /// Starts the watches and publishes into `state` once the resources it cannot do
+    /// without have listed, then after every change. `tracker` finds local pods' network
+    /// namespaces; each resource is a condition of `readiness` until its first list.
     pub fn start(
         client: ::kube::Client,
         settings: Settings,
         state: State,
         tracker: NetnsTracker,
         metrics: Metrics,
+        readiness: &Readiness,
     ) -> KubeSource {
         let changed = Arc::new(Notify::new());
         let mut tasks = Vec::new();
+        let mut listed: HashMap<&'static str, Condition> = RESOURCES
+            .iter()
+            .map(|r| (*r, readiness.register(format!("{r} listed"))))
+            .collect();
+        let mut condition = |resource: &str| listed.remove(resource).expect("a known resource");
         let mut spawn_watch =
             |resource: &'static str, events: Box<dyn Stream<Item = ()> + Send + Unpin>| {
                 let changed = changed.clone();
@@ -481,21 +540,32 @@ impl KubeSource {
                     tracing::error!(resource, "watch ended");
                 }));
             };
-        let pods = watch(Api::<Pod>::all(client.clone()), "pods", &metrics);
+        let pods = watch(
+            Api::<Pod>::all(client.clone()),
+            "pods",
+            &metrics,
+            condition("pods"),
+        );
         let namespaces = watch(
             Api::<Namespace>::all(client.clone()),
             "namespaces",
             &metrics,
+            condition("namespaces"),
         );
         let services = watch(
             Api::<KubeService>::all(client.clone()),
             "services",
             &metrics,
+            condition("services"),
         );
-        let slices = watch(
-            Api::<EndpointSlice>::all(client.clone()),
+        let slices_writer = reflector::store::Writer::<EndpointSlice>::default();
+        let slices_store = slices_writer.as_reader();
+        let slices = watched(
+            endpoint_slice_events(client.clone(), &metrics),
+            slices_writer,
             "endpointslices",
             &metrics,
+            condition("endpointslices"),
         );
         let mut policy_stores = Vec::new();
         for (plural, kind) in POLICY_KINDS {
@@ -503,19 +573,23 @@ impl KubeSource {
             let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
             let writer = reflector::store::Writer::new(resource);
             policy_stores.push(writer.as_reader());
-            spawn_watch(plural, watched(api, writer, plural, &metrics));
+            let events = watcher(api, watcher::Config::default()).default_backoff();
+            spawn_watch(
+                plural,
+                watched(events, writer, plural, &metrics, condition(plural)),
+            );
         }
         let stores = Stores {
             pods: pods.0,
             namespaces: namespaces.0,
             services: services.0,
-            endpoint_slices: slices.0,
+            endpoint_slices: slices_store,
             policies: policy_stores,
         };
         spawn_watch("pods", pods.1);
         spawn_watch("namespaces", namespaces.1);
         spawn_watch("services", services.1);
-        spawn_watch("endpointslices", slices.1);
+        spawn_watch("endpointslices", slices);
         tasks.push(tokio::spawn(publish_loop(
             settings, stores, state, tracker, changed, metrics,
         )));
@@ -542,50 +616,174 @@ impl<K> Watchable for K where
 {
 }
 
-fn watch<K>(api: Api<K>, resource: &'static str, metrics: &Metrics) -> Watched<K>
+fn watch<K>(api: Api<K>, resource: &'static str, metrics: &Metrics, listed: Condition) -> Watched<K>
 where
     K: Watchable,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let writer = reflector::store::Writer::<K>::default();
     let store = writer.as_reader();
-    (store, watched(api, writer, resource, metrics))
+    let events = watcher(api, watcher::Config::default()).default_backoff();
+    (store, watched(events, writer, resource, metrics, listed))
 }
 
 /// The events of one resource's watch, applied to its store; errors are logged,
-/// counted and retried with backoff.
-fn watched<K>(
-    api: Api<K>,
+/// counted and retried with backoff. `listed` is met at the first complete list.
+fn watched<K, S>(
+    events: S,
     writer: reflector::store::Writer<K>,
     resource: &'static str,
     metrics: &Metrics,
+    listed: Condition,
 ) -> Box<dyn Stream<Item = ()> + Send + Unpin>
 where
     K: Watchable,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+    S: Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
 {
-    let errors = metrics
-        .watch_errors
-        .get_or_create(&ResourceLabel {
-            resource: resource.to_string(),
-        })
+    let errors = metrics.watch_errors.get_or_create(&label(resource)).clone();
+    let ready = metrics
+        .resource_ready
+        .get_or_create(&label(resource))
         .clone();
-    let events = reflector::reflector(
-        writer,
-        watcher(api, watcher::Config::default()).default_backoff(),
-    )
-    .filter_map(move |event| {
+    let mut listed = Some(listed);
+    let events = reflector::reflector(writer, events).filter_map(move |event| {
         let outcome = match event {
-            Ok(_) => Some(()),
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => None,
+            Ok(_) => {
+                if ready.set(1) == 0 {
+                    tracing::info!(resource, "listed and watched");
+                }
+                if let Some(listed) = listed.take() {
+                    listed.ready();
+                }
+                Some(())
+            }
             Err(e) => {
                 errors.inc();
-                tracing::warn!(resource, error = %e, "watch failed; retrying with backoff");
+                ready.set(0);
+                tracing::warn!(resource, error = %watch_error(&e), "watch failed; retrying with backoff");
                 None
             }
         };
         std::future::ready(outcome)
     });
     Box::new(Box::pin(events))
+}
+
+/// A watch error as logs show it.
+fn watch_error(e: &watcher::Error) -> String {
+    match e {
+        watcher::Error::InitialListFailed(e) => format!("cannot list: {}", ApiError(e)),
+        watcher::Error::WatchStartFailed(e) => format!("cannot start watching: {}", ApiError(e)),
+        watcher::Error::WatchFailed(e) => format!("watch stream failed: {}", ApiError(e)),
+        watcher::Error::WatchError(status) => format!(
+            "the API server ended the watch: {}",
+            ApiError(&::kube::Error::Api(status.clone()))
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// EndpointSlices as `discovery.k8s.io/v1`, read from `v1beta1` when the API server does
+/// not serve v1. Until the served version is known, errors count as watch errors.
+fn endpoint_slice_events(
+    client: ::kube::Client,
+    metrics: &Metrics,
+) -> impl Stream<Item = watcher::Result<watcher::Event<EndpointSlice>>> + Send + 'static {
+    let errors = metrics
+        .watch_errors
+        .get_or_create(&label("endpointslices"))
+        .clone();
+    let probe = {
+        let client = client.clone();
+        async move { endpoint_slice_version(&client, &errors).await }
+    };
+    futures::stream::once(probe).flat_map(move |version| {
+        let gvk = GroupVersionKind::gvk(ENDPOINT_SLICE_GROUP, version, "EndpointSlice");
+        let resource = ApiResource::from_gvk_with_plural(&gvk, "endpointslices");
+        let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+        watcher(api, watcher::Config::default())
+            .default_backoff()
+            .filter_map(|event| std::future::ready(event.map(as_v1_slice).transpose()))
+    })
+}
+
+/// `v1` when the API server serves EndpointSlices in that version, else `v1beta1`;
+/// asked again with backoff while the API server cannot tell.
+async fn endpoint_slice_version(client: &::kube::Client, errors: &Counter) -> &'static str {
+    let group_version = format!("{ENDPOINT_SLICE_GROUP}/v1");
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let served = match client.list_api_group_resources(&group_version).await {
+            Ok(list) => Some(list.resources.iter().any(|r| r.name == "endpointslices")),
+            Err(::kube::Error::Api(status)) if status.is_not_found() => Some(false),
+            Err(e) => {
+                errors.inc();
+                tracing::warn!(resource = "endpointslices", error = %ApiError(&e), retry_in_ms = delay.as_millis() as u64, "cannot tell which EndpointSlice version is served");
+                None
+            }
+        };
+        match served {
+            Some(true) => return "v1",
+            Some(false) => {
+                tracing::info!(
+                    "{group_version} does not serve EndpointSlices; reading {ENDPOINT_SLICE_GROUP}/v1beta1"
+                );
+                return "v1beta1";
+            }
+            None => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// A watch event of EndpointSlices of either version, as v1 objects; an object that
+/// does not read as v1 is left out (logged).
+fn as_v1_slice(event: watcher::Event<DynamicObject>) -> Option<watcher::Event<EndpointSlice>> {
+    Some(match event {
+        watcher::Event::Apply(o) => watcher::Event::Apply(v1_slice(&o)?),
+        watcher::Event::Delete(o) => watcher::Event::Delete(v1_slice(&o)?),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(o) => watcher::Event::InitApply(v1_slice(&o)?),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    })
+}
+
+/// The fields read from an EndpointSlice (`ports`, the service-name label) are the same
+/// in v1beta1 and v1.
+fn v1_slice(object: &DynamicObject) -> Option<EndpointSlice> {
+    let mut value = serde_json::to_value(object).ok()?;
+    value["apiVersion"] = serde_json::Value::from(format!("{ENDPOINT_SLICE_GROUP}/v1"));
+    value["kind"] = serde_json::Value::from("EndpointSlice");
+    match serde_json::from_value(value) {
+        Ok(slice) => Some(slice),
+        Err(e) => {
+            tracing::warn!(
+                slice = %format!(
+                    "{}/{}",
+                    object.metadata.namespace.as_deref().unwrap_or_default(),
+                    object.metadata.name.as_deref().unwrap_or_default()
+                ),
+                error = %e,
+                "EndpointSlice left out: not readable as {ENDPOINT_SLICE_GROUP}/v1"
+            );
+            None
+        }
+    }
+}
+
+/// Whether two snapshots' contents are the same.
+fn same_resources(a: &Resources, b: &Resources) -> bool {
+    let policies = |r: &Resources| serde_json::to_value(&r.policies).ok();
+    a.node == b.node
+        && a.trust_domain == b.trust_domain
+        && a.root_namespace == b.root_namespace
+        && a.workloads == b.workloads
+        && a.services == b.services
+        && policies(a) == policies(b)
 }
 
 async fn publish_loop(
@@ -596,19 +794,42 @@ async fn publish_loop(
     changed: Arc<Notify>,
     metrics: Metrics,
 ) {
-    if !stores.wait_until_ready().await {
+    if !stores.wait_until_required().await {
         tracing::error!("a watch stopped before its first list; nothing is published");
         return;
     }
-    tracing::info!("every resource listed; publishing");
+    stores.wait_for_optional(LIST_GRACE).await;
+    let missing: Vec<&str> = RESOURCES
+        .into_iter()
+        .filter(|r| !metrics.resource_ready(r))
+        .collect();
+    if missing.is_empty() {
+        tracing::info!("every resource listed; publishing");
+    } else {
+        tracing::warn!(
+            "publishing without {}: not listed yet (they follow once listed)",
+            missing.join(", ")
+        );
+    }
     let mut rejected_before = BTreeSet::new();
+    let mut scan_error: Option<String> = None;
+    let mut published: Option<Resources> = None;
     loop {
         let objects = stores.objects();
         let wanted = build(&settings, &objects, tracker.enrolled()).local_pods;
         let pending = match tracker.reconcile(&wanted) {
-            Ok(changes) => !changes.pending.is_empty(),
+            Ok(changes) => {
+                if scan_error.take().is_some() {
+                    tracing::info!("local pods' network namespaces scanned again");
+                }
+                !changes.pending.is_empty()
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "local pods' network namespaces not scanned");
+                let error = e.to_string();
+                if scan_error.as_deref() != Some(error.as_str()) {
+                    tracing::warn!(%error, "local pods' network namespaces not scanned; retrying");
+                }
+                scan_error = Some(error);
                 true
             }
         };
@@ -619,11 +840,17 @@ async fn publish_loop(
             metrics.rejected.inc();
         }
         rejected_before = rejected;
-        state.publish(built.resources);
-        metrics.published.inc();
+        if published
+            .as_ref()
+            .is_none_or(|last| !same_resources(last, &built.resources))
+        {
+            published = Some(built.resources.clone());
+            state.publish(built.resources);
+            metrics.published.inc();
+        }
         if pending {
-            // A local pod's sandbox has not started yet: look again soon even if the
-            // API says nothing new.
+            // A local pod's sandbox has not started yet (or /proc could not be read):
+            // look again soon even if the API says nothing new.
             let _ = tokio::time::timeout(NETNS_RETRY, changed.notified()).await;
         } else {
             changed.notified().await;
@@ -1128,6 +1355,7 @@ mod tests {
             state.clone(),
             tracker,
             metrics.clone(),
+            &Readiness::new(),
         );
 
         let first = until(&state, "the first snapshot", |_| true).await;
@@ -1210,5 +1438,192 @@ mod tests {
         })
         .await;
         drop(source);
+    }
+
+    async fn until_within(
+        state: &State,
+        within: Duration,
+        what: &str,
+        done: impl Fn(&Snapshot) -> bool,
+    ) -> Arc<Snapshot> {
+        let mut changed = state.subscribe();
+        let wait = async {
+            loop {
+                let snapshot = state.load();
+                if state.is_loaded() && done(&snapshot) {
+                    return snapshot;
+                }
+                changed.changed().await.unwrap();
+            }
+        };
+        tokio::time::timeout(within, wait)
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting until {what}"))
+    }
+
+    fn start_source(api: &FakeApi, proc_root: PathBuf) -> (State, Metrics, Readiness, KubeSource) {
+        let state = State::new();
+        let metrics = Metrics::default();
+        let readiness = Readiness::new();
+        let tracker = NetnsTracker::new(ProcScanner::new(proc_root), NetnsMetrics::default());
+        let source = KubeSource::start(
+            api.client(),
+            settings(),
+            state.clone(),
+            tracker,
+            metrics.clone(),
+            &readiness,
+        );
+        (state, metrics, readiness, source)
+    }
+
+    fn port_pairs(snapshot: &Snapshot) -> Vec<(u16, u16)> {
+        snapshot
+            .services()
+            .iter()
+            .flat_map(|s| s.ports.iter().map(|p| (p.port, p.target_port)))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn endpoint_slices_are_read_as_v1beta1_where_v1_is_not_served() {
+        let api = FakeApi::empty();
+        api.without("discovery.k8s.io/v1");
+        api.put_object("namespaces", namespace("finance", Some("ambient")));
+        api.put_object(
+            "pods",
+            pod(
+                "finance",
+                "payments",
+                1,
+                "worker-2",
+                &["10.244.2.7"],
+                json!({}),
+            ),
+        );
+        api.put_object("services", payments_service());
+        let mut slice = payments_slice();
+        slice["apiVersion"] = json!("discovery.k8s.io/v1beta1");
+        slice["endpoints"][0]["topology"] = json!({"kubernetes.io/hostname": NODE});
+        api.put_object("endpointslices", slice);
+        let proc = FakeProc::new(4026531840);
+        let (state, metrics, readiness, _source) = start_source(&api, proc.root().to_path_buf());
+
+        let snapshot = until(
+            &state,
+            "the named port resolves through the v1beta1 slice",
+            |s| port_pairs(s).contains(&(80, 9090)),
+        )
+        .await;
+        assert_eq!(port_pairs(&snapshot), vec![(80, 9090), (8080, 8081)]);
+        assert!(
+            api.calls()
+                .iter()
+                .any(|c| c == "GET /apis/discovery.k8s.io/v1beta1/endpointslices"),
+            "{:?}",
+            api.calls()
+        );
+        assert!(metrics.resource_ready("endpointslices"));
+        assert_eq!(metrics.watch_errors("endpointslices"), 0);
+        assert!(readiness.pending().is_empty(), "{:?}", readiness.pending());
+    }
+
+    #[tokio::test]
+    async fn a_failing_watch_does_not_hold_back_the_rest() {
+        let api = FakeApi::empty();
+        api.put_object("namespaces", namespace("finance", Some("ambient")));
+        api.put_object(
+            "pods",
+            pod(
+                "finance",
+                "payments",
+                1,
+                "worker-2",
+                &["10.244.2.7"],
+                json!({}),
+            ),
+        );
+        api.put_object("services", payments_service());
+        api.put_object("endpointslices", payments_slice());
+        api.put_object("peerauthentications", strict_finance());
+        api.unavailable("services", usize::MAX);
+        let proc = FakeProc::new(4026531840);
+        let (state, metrics, readiness, _source) = start_source(&api, proc.root().to_path_buf());
+
+        let first = until_within(
+            &state,
+            LIST_GRACE + Duration::from_secs(10),
+            "a snapshot without services",
+            |_| true,
+        )
+        .await;
+        assert_eq!(first.workloads().len(), 1);
+        assert_eq!(first.policies().len(), 1);
+        assert!(first.services().is_empty());
+        assert_eq!(readiness.pending(), vec!["services listed".to_string()]);
+        assert!(!metrics.resource_ready("services"));
+        assert!(metrics.watch_errors("services") >= 1);
+        for listed in RESOURCES.iter().filter(|r| **r != "services") {
+            assert!(metrics.resource_ready(listed), "{listed}");
+        }
+
+        // Once the API server serves them, the services follow and readiness clears.
+        api.unavailable("services", 0);
+        until_within(
+            &state,
+            Duration::from_secs(45),
+            "the services follow",
+            |s| s.services().len() == 1,
+        )
+        .await;
+        assert!(metrics.resource_ready("services"));
+        assert!(readiness.pending().is_empty(), "{:?}", readiness.pending());
+    }
+
+    #[tokio::test]
+    async fn a_failing_proc_scan_does_not_republish_an_unchanged_state() {
+        let api = FakeApi::empty();
+        api.put_object("namespaces", namespace("finance", Some("ambient")));
+        api.put_object(
+            "pods",
+            pod("finance", "payments", 1, NODE, &["10.244.1.7"], json!({})),
+        );
+        api.put_object("peerauthentications", strict_finance());
+        let dir = tempfile::tempdir().unwrap();
+        let (state, metrics, _readiness, _source) = start_source(&api, dir.path().join("no-proc"));
+
+        let first = until(&state, "the first snapshot", |_| true).await;
+        assert_eq!(netns_of(&first, "finance/payments"), None);
+        // The scan is retried every NETNS_RETRY; nothing changed, so nothing is published.
+        tokio::time::sleep(NETNS_RETRY * 4).await;
+        assert_eq!(metrics.published(), 1);
+        assert_eq!(state.load().generation(), first.generation());
+
+        // A real change is still published.
+        api.apply(
+            "pods",
+            pod("finance", "ledger", 2, NODE, &["10.244.1.8"], json!({})),
+        );
+        until(&state, "the new pod is published", |s| {
+            s.workloads().len() == 2
+        })
+        .await;
+        assert_eq!(metrics.published(), 2);
+    }
+
+    #[test]
+    fn an_unresolved_target_port_is_named_as_written() {
+        let objects = objects(&[
+            ("services", payments_service()),
+            ("endpointslices", payments_slice()),
+        ]);
+        let built = build(&settings(), &objects, &HashMap::new());
+        assert_eq!(
+            built.rejected,
+            vec![
+                "service finance/payments port 9000: target port \"grpc\" is not resolved by its EndpointSlices yet"
+                    .to_string()
+            ]
+        );
     }
 }

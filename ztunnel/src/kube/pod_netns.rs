@@ -35,7 +35,7 @@ pub enum Error {
     ListProcesses { path: PathBuf, source: io::Error },
     #[error("cannot read the host's network namespace link {}: {source}", path.display())]
     HostNetns { path: PathBuf, source: io::Error },
-    #[error("{}: link target {target:?} is not of the form net:[<inode>]", path.display())]
+    #[error("{}: link target \"{target}\" is not of the form net:[<inode>]", path.display())]
     NetnsLink { path: PathBuf, target: String },
 }
 
@@ -206,7 +206,7 @@ impl ProcScanner {
 enum NetnsReadError {
     #[error("{0}")]
     Io(#[from] io::Error),
-    #[error("link target {0:?} is not of the form net:[<inode>]")]
+    #[error("link target \"{0}\" is not of the form net:[<inode>]")]
     Target(String),
 }
 

@@ -26,6 +26,8 @@ struct State {
     watches: Vec<(String, mpsc::UnboundedSender<Bytes>)>,
     /// Requests for a resource that are answered 503 before it is served.
     unavailable: BTreeMap<String, usize>,
+    /// API group versions (`group/version`) this server does not serve: 404.
+    absent: Vec<String>,
 }
 
 /// What a request answers: a JSON document, or a watch's event stream.
@@ -326,6 +328,16 @@ impl FakeApi {
             .insert(resource.to_string(), count);
     }
 
+    /// The API group version `group/version` is not served (as `discovery.k8s.io/v1`
+    /// on Kubernetes 1.20): its paths answer 404.
+    pub(crate) fn without(&self, group_version: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .absent
+            .push(group_version.to_string());
+    }
+
     /// A real kube client whose transport is this fake.
     pub(crate) fn client(&self) -> ::kube::Client {
         let api = self.clone();
@@ -372,6 +384,21 @@ impl FakeApi {
             .push((method.clone(), path.into(), query.into(), body.clone()));
         if state.failing {
             return status(500, "InternalError", "etcdserver: request timed out").into();
+        }
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        if let ["apis", group, version, ..] = segments.as_slice() {
+            let group_version = format!("{group}/{version}");
+            if state.absent.contains(&group_version) {
+                return status(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                )
+                .into();
+            }
+            if segments.len() == 3 {
+                return (StatusCode::OK, resource_list(group, &group_version)).into();
+            }
         }
         let Some((resource, namespace, name)) = route(path) else {
             return status(404, "NotFound", &format!("no route for {method} {path}")).into();
@@ -502,6 +529,25 @@ fn route(path: &str) -> Option<(String, Option<String>, Option<String>)> {
     }
 }
 
+/// The APIResourceList of a group version: the resources of that group this fake serves.
+fn resource_list(group: &str, group_version: &str) -> Value {
+    let names: &[&str] = match group {
+        "discovery.k8s.io" => &["endpointslices"],
+        "security.istio.io" => &["peerauthentications", "authorizationpolicies"],
+        "authentication.k8s.io" => &["tokenreviews"],
+        _ => &[],
+    };
+    let resources: Vec<Value> = names
+        .iter()
+        .map(|name| {
+            json!({"name": name, "singularName": "", "namespaced": *name != "tokenreviews",
+                   "kind": kind_of(name), "verbs": ["get", "list", "watch"]})
+        })
+        .collect();
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version,
+           "resources": resources})
+}
+
 fn kind_of(resource: &str) -> &'static str {
     match resource {
         "pods" => "Pod",
@@ -512,6 +558,7 @@ fn kind_of(resource: &str) -> &'static str {
         "endpointslices" => "EndpointSlice",
         "peerauthentications" => "PeerAuthentication",
         "authorizationpolicies" => "AuthorizationPolicy",
+        "tokenreviews" => "TokenReview",
         _ => "Unknown",
     }
 }

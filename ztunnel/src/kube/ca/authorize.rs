@@ -64,7 +64,7 @@ pub enum AuthError {
         identity.service_account()
     )]
     NoPodOnNode { identity: Identity, node: String },
-    #[error("cannot {action}: {source}")]
+    #[error("cannot {action}: {}", super::super::ApiError(source))]
     Api {
         action: String,
         source: ::kube::Error,
@@ -165,7 +165,8 @@ impl Authorizer {
             && !audiences.contains(&self.config.audience)
         {
             return Err(AuthError::TokenRejected(format!(
-                "audiences {audiences:?} do not include {}",
+                "audiences {} do not include {}",
+                audiences.join(", "),
                 self.config.audience
             )));
         }
@@ -389,7 +390,7 @@ pub(crate) mod tests {
             (
                 FakeApi::WRONG_AUDIENCE_TOKEN,
                 http::StatusCode::UNAUTHORIZED,
-                "token not authenticated: audiences [\"https://kubernetes.default.svc\"] do not include ztunnel-ca",
+                "token not authenticated: audiences https://kubernetes.default.svc do not include ztunnel-ca",
             ),
             (
                 FakeApi::APP_TOKEN,

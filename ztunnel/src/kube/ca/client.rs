@@ -36,7 +36,7 @@ pub enum ClientError {
     },
     #[error("token file {} is empty", path.display())]
     EmptyToken { path: PathBuf },
-    #[error("CA {address}: no answer within {after:?}")]
+    #[error("CA {address}: no answer within {} s", after.as_secs_f64())]
     Timeout { address: String, after: Duration },
     #[error("CA {address}: cannot connect: {source}")]
     Connect {
@@ -48,7 +48,7 @@ pub enum ClientError {
         address: String,
         source: std::io::Error,
     },
-    #[error("CA {address}: server name {name:?}: {problem}")]
+    #[error("CA {address}: server name \"{name}\": {problem}")]
     ServerName {
         address: String,
         name: String,
@@ -122,7 +122,7 @@ impl CaClient {
         let token = read_token(&self.config.token_file)?;
         let body = serde_json::to_vec(&SignRequest {
             identity: identity.to_string(),
-            csr: pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", csr.as_ref().to_vec())),
+            csr: super::pem_lf("CERTIFICATE REQUEST", csr.as_ref()),
         })
         .map_err(|e| self.bad_answer(format!("cannot encode the request: {e}")))?;
         let deadline = self.config.timeout;
@@ -282,8 +282,8 @@ fn check_answer(
     let want = identity.to_string();
     if !info.uris.contains(&want) {
         return Err(format!(
-            "the leaf's URI SANs {:?} do not include {want}",
-            info.uris
+            "the leaf's URI SANs ({}) do not include {want}",
+            info.uris.join(", ")
         ));
     }
     verify_leaf(leaf, &chain[1..], &bundle, provider)

@@ -71,8 +71,14 @@ pub struct ErrorResponse {
 
 /// Certificates as concatenated PEM, in order.
 pub(crate) fn certificates_pem(certs: &[CertificateDer<'_>]) -> String {
-    certs
-        .iter()
-        .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec())))
-        .collect()
+    certs.iter().map(|der| pem_lf("CERTIFICATE", der)).collect()
+}
+
+/// One PEM block with `\n` line endings (the `pem` crate writes `\r\n` by default, which
+/// ends up in ConfigMaps, Secrets and files).
+pub fn pem_lf(tag: &str, der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new(tag, der.to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }

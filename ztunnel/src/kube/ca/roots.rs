@@ -53,7 +53,7 @@ pub enum Error {
     NothingStaged { secret: String },
     #[error("cannot generate a root: {0}")]
     Generate(Box<identity::Error>),
-    #[error("cannot {action} {kind} {name}: {source}")]
+    #[error("cannot {action} {kind} {name}: {}", super::super::ApiError(source))]
     Api {
         action: &'static str,
         kind: &'static str,

@@ -36,7 +36,7 @@ pub const MAX_REQUEST_BODY: usize = 64 * 1024;
 pub enum ServerError {
     #[error(transparent)]
     Roots(#[from] RootsError),
-    #[error("cannot make the service's own certificate for {names:?}: {problem}")]
+    #[error("cannot make the service's own certificate for {}: {problem}", names.join(", "))]
     ServingCertificate { names: Vec<String>, problem: String },
 }
 
@@ -284,7 +284,10 @@ impl CaServer {
         .map_err(|_| Refusal {
             status: StatusCode::REQUEST_TIMEOUT,
             reason: "request_timeout",
-            message: format!("request body not received within {deadline:?}"),
+            message: format!(
+                "request body not received within {} s",
+                deadline.as_secs_f64()
+            ),
         })?
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {

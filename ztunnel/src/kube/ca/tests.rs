@@ -420,7 +420,7 @@ async fn a_client_that_stalls_its_body_is_answered_408() {
     assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     let answer: Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(answer["error"], "request body not received within 3s");
+    assert_eq!(answer["error"], "request body not received within 3 s");
     assert_eq!(running.server.metrics().requests("request_timeout"), 1);
     assert!(api.calls().is_empty(), "nothing reached the API server");
 }
@@ -538,6 +538,15 @@ async fn root_store_creates_once_publishes_the_bundle_and_detects_conflicts() {
         published["data"][BUNDLE_CONFIG_MAP_KEY],
         json!(created.bundle_pem())
     );
+    // PEM with `\n` line endings, in the ConfigMap and in every key of the Secret.
+    let bundle_text = published["data"][BUNDLE_CONFIG_MAP_KEY].as_str().unwrap();
+    assert!(
+        bundle_text.starts_with("-----BEGIN CERTIFICATE-----\n") && !bundle_text.contains('\r'),
+        "{bundle_text:?}"
+    );
+    for (key, value) in created.to_data() {
+        assert!(!value.0.contains(&b'\r'), "{key} has \\r\\n line endings");
+    }
     let writes = |api: &FakeApi| {
         api.calls()
             .iter()
