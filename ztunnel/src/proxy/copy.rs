@@ -41,6 +41,8 @@ pub enum CopyError {
     Stream(#[from] h2::Error),
     #[error("HBONE stream closed while sending")]
     StreamClosed,
+    #[error("HBONE stream reset by the peer: {0}")]
+    Reset(h2::Reason),
 }
 
 /// The bytes of one direction of one connection: its own total (for the access log)
@@ -68,7 +70,8 @@ impl Meter {
     }
 }
 
-/// Copies between `tcp` and an HBONE stream until both directions ended.
+/// Copies between `tcp` and an HBONE stream until both directions ended, or the stream
+/// is reset or its connection is gone.
 /// `to_stream` counts bytes read from the socket, `from_stream` bytes written to it.
 pub async fn tcp_h2(
     tcp: &TcpStream,
@@ -85,7 +88,16 @@ pub async fn tcp_h2(
     let up = async {
         let mut size = MIN_READ;
         loop {
-            let Some(mut data) = read(tcp, &mut size).await? else {
+            // The stream is watched while the socket is idle: a reset, or the HTTP/2
+            // connection going away, ends the copy at once.
+            let read = tokio::select! {
+                biased;
+                read = read(tcp, &mut size) => read?,
+                reset = poll_fn(|cx| send.poll_reset(cx)) => {
+                    return Err(reset.map_or_else(CopyError::from, CopyError::Reset));
+                }
+            };
+            let Some(mut data) = read else {
                 send.send_data(Bytes::new(), true)?;
                 return Ok(());
             };
