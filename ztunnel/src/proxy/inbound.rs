@@ -117,6 +117,12 @@ impl Proxy {
                 error,
             );
         }
+        if inner.mesh.http_enforced(target) {
+            let endpoints = endpoints(&incoming, &peer_identity, target, &workload);
+            return self
+                .inbound_http_hbone(incoming, endpoints, workload, peer_identity)
+                .await;
+        }
         if let Verdict::Deny { policy, reason } =
             inner
                 .mesh
@@ -150,22 +156,7 @@ impl Proxy {
                 );
             }
         };
-        let source_workload = match (
-            &incoming.headers.source_workload,
-            &incoming.headers.source_namespace,
-        ) {
-            (Some(name), Some(namespace)) => Some((name.clone(), namespace.clone())),
-            _ => None,
-        };
-        let endpoints = Endpoints {
-            source: incoming.headers.forwarded_for.unwrap_or(incoming.peer),
-            source_identity: Some(peer_identity.clone()),
-            source_workload,
-            destination: target,
-            destination_identity: Some(workload.identity.clone()),
-            destination_workload: Some((workload.name.clone(), workload.namespace.clone())),
-            traceparent: incoming.headers.traceparent.clone(),
-        };
+        let endpoints = endpoints(&incoming, &peer_identity, target, &workload);
         let record = ConnectionRecord::open(
             &inner.metrics,
             Reporter::Destination,
@@ -207,5 +198,30 @@ impl Proxy {
             }
         }
         std::future::pending().await
+    }
+}
+
+/// The two ends of an accepted HBONE stream, for its metrics and access log.
+fn endpoints(
+    incoming: &Incoming,
+    peer_identity: &Identity,
+    target: SocketAddr,
+    workload: &LocalWorkload,
+) -> Endpoints {
+    let source_workload = match (
+        &incoming.headers.source_workload,
+        &incoming.headers.source_namespace,
+    ) {
+        (Some(name), Some(namespace)) => Some((name.clone(), namespace.clone())),
+        _ => None,
+    };
+    Endpoints {
+        source: incoming.headers.forwarded_for.unwrap_or(incoming.peer),
+        source_identity: Some(peer_identity.clone()),
+        source_workload,
+        destination: target,
+        destination_identity: Some(workload.identity.clone()),
+        destination_workload: Some((workload.name.clone(), workload.namespace.clone())),
+        traceparent: incoming.headers.traceparent.clone(),
     }
 }

@@ -64,6 +64,11 @@ impl Proxy {
         if !inner.mesh.accepts_plaintext(destination) {
             return refuse(RefusedReason::StrictPlaintext, Error::Strict(destination));
         }
+        if inner.mesh.http_enforced(destination) {
+            return self
+                .inbound_http_plaintext(tcp, client, destination, workload)
+                .await;
+        }
         if let Verdict::Deny { policy, reason } =
             inner.mesh.authorize(client.ip(), None, destination)
         {

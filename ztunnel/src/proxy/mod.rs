@@ -7,6 +7,7 @@
 
 pub mod copy;
 mod inbound;
+mod inbound_http;
 mod inbound_plaintext;
 pub mod metrics;
 mod outbound;
@@ -137,6 +138,8 @@ pub struct Config {
     pub max_inbound_connections: usize,
     /// Deadline of the SOCKS5 greeting and request.
     pub socks5_timeout: Duration,
+    /// The HTTP server of destinations enforced per request.
+    pub http: crate::http::Config,
 }
 
 impl Default for Config {
@@ -147,6 +150,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             max_inbound_connections: 16 * 1024,
             socks5_timeout: Duration::from_secs(10),
+            http: crate::http::Config::default(),
         }
     }
 }
