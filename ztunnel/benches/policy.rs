@@ -107,6 +107,7 @@ fn resources() -> Resources {
                 meshed: true,
                 healthy: true,
                 netns: None,
+                http_ports: None,
             });
         }
         services.push(Service {
@@ -116,6 +117,7 @@ fn resources() -> Resources {
             ports: vec![ServicePort {
                 port: 80,
                 target_port: 9090,
+                http: false,
             }],
             selector: [("app".to_string(), "app0".to_string())].into(),
             subject_alt_names: Vec::new(),
@@ -128,6 +130,7 @@ fn resources() -> Resources {
         workloads,
         services,
         policies: policies(),
+        l7: Default::default(),
     }
 }
 

@@ -125,8 +125,8 @@ impl Mesh for StateMesh {
         verdict(self.state.load().decide(source_ip, source, destination))
     }
 
-    fn http_enforced(&self, _destination: SocketAddr) -> bool {
-        false
+    fn http_enforced(&self, destination: SocketAddr) -> bool {
+        self.state.load().http_enforced(destination)
     }
 
     fn authorize_request(
@@ -134,9 +134,13 @@ impl Mesh for StateMesh {
         source_ip: IpAddr,
         source: Option<&Identity>,
         destination: SocketAddr,
-        _request: &http::request::Parts,
+        request: &http::request::Parts,
     ) -> Verdict {
-        verdict(self.state.load().authorize(source_ip, source, destination))
+        verdict(
+            self.state
+                .load()
+                .authorize_request(source_ip, source, destination, request),
+        )
     }
 
     fn updates(&self) -> watch::Receiver<u64> {

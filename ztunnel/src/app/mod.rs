@@ -105,6 +105,7 @@ impl Tunnel {
                         node: settings.node.clone(),
                         trust_domain: settings.trust_domain.clone(),
                         root_namespace: settings.root_namespace.clone(),
+                        l7: settings.l7,
                     },
                     state.clone(),
                     tracker,

@@ -12,8 +12,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::identity::{CaFiles, Identity};
-use crate::policy::{Document, Labels, Policy};
-use crate::state::{Resources, Service, ServicePort, Workload};
+use crate::policy::{Document, Labels, PathNormalization, Policy};
+use crate::state::{
+    L7Authorization, L7Settings, Resources, Service, ServicePort, Workload, speaks_http,
+};
 
 /// Why a config file was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,9 @@ pub struct Settings {
     pub excluded_peers: Vec<ipnet::IpNet>,
     /// Outbound destination ports never steered.
     pub excluded_ports: Vec<u16>,
+    /// Where HTTP rules are enforced and how request paths are normalized (in the
+    /// file mode they apply on reload, as part of the mesh's resources).
+    pub l7: L7Settings,
 }
 
 /// A checked config file.
@@ -102,6 +107,7 @@ impl Settings {
             drain_grace_period_seconds: DEFAULT_DRAIN_GRACE_PERIOD_SECONDS,
             excluded_peers: Vec::new(),
             excluded_ports: Vec::new(),
+            l7: L7Settings::default(),
         }
     }
 }
@@ -158,6 +164,10 @@ struct File {
     #[serde(default)]
     excluded_ports: Vec<u16>,
     #[serde(default)]
+    l7_authorization: L7Authorization,
+    #[serde(default)]
+    path_normalization: PathNormalization,
+    #[serde(default)]
     workloads: Vec<RawWorkload>,
     #[serde(default)]
     services: Vec<RawService>,
@@ -212,6 +222,7 @@ struct RawWorkload {
     #[serde(default = "yes")]
     healthy: bool,
     netns: Option<PathBuf>,
+    http_ports: Option<Vec<u16>>,
 }
 
 #[derive(Deserialize)]
@@ -232,6 +243,8 @@ struct RawService {
 struct RawPort {
     port: u16,
     target_port: Option<u16>,
+    name: Option<String>,
+    app_protocol: Option<String>,
 }
 
 /// Reads and checks a config file.
@@ -335,6 +348,10 @@ impl Checker<'_> {
             drain_grace_period_seconds: file.drain_grace_period_seconds,
             excluded_peers: file.excluded_peers,
             excluded_ports: file.excluded_ports,
+            l7: L7Settings {
+                authorization: file.l7_authorization,
+                path_normalization: file.path_normalization,
+            },
             trust_domain: file.trust_domain,
             node: file.node,
             root_namespace: file.root_namespace,
@@ -348,6 +365,7 @@ impl Checker<'_> {
                 workloads,
                 services,
                 policies,
+                l7: settings.l7,
             },
             settings,
         })
@@ -393,7 +411,14 @@ impl Checker<'_> {
                     ),
                 ));
             }
+            if let Some(j) = w.http_ports.iter().flatten().position(|p| *p == 0) {
+                return Err(self.invalid(
+                    format!("{place}.httpPorts[{j}]"),
+                    "ports must be in 1..=65535",
+                ));
+            }
             out.push(Workload {
+                http_ports: w.http_ports.clone(),
                 name: w.name.clone(),
                 namespace: w.namespace.clone(),
                 service_account: w.service_account.clone(),
@@ -435,7 +460,7 @@ impl Checker<'_> {
                     );
                 }
             }
-            let mut ports: BTreeMap<u16, u16> = BTreeMap::new();
+            let mut ports: BTreeMap<u16, (u16, bool)> = BTreeMap::new();
             for (j, p) in s.ports.iter().enumerate() {
                 let target_port = p.target_port.unwrap_or(p.port);
                 if p.port == 0 || target_port == 0 {
@@ -443,7 +468,8 @@ impl Checker<'_> {
                         self.invalid(format!("{place}.ports[{j}]"), "ports must be in 1..=65535")
                     );
                 }
-                if ports.insert(p.port, target_port).is_some() {
+                let http = speaks_http(p.name.as_deref(), p.app_protocol.as_deref());
+                if ports.insert(p.port, (target_port, http)).is_some() {
                     return Err(self.invalid(
                         format!("{place}.ports[{j}]"),
                         format!("port {} is listed twice", p.port),
@@ -456,7 +482,11 @@ impl Checker<'_> {
                 vips: s.vips.clone(),
                 ports: ports
                     .into_iter()
-                    .map(|(port, target_port)| ServicePort { port, target_port })
+                    .map(|(port, (target_port, http))| ServicePort {
+                        port,
+                        target_port,
+                        http,
+                    })
                     .collect(),
                 selector: s.selector.clone(),
                 subject_alt_names: s.subject_alt_names.clone(),

@@ -20,6 +20,74 @@ fn defaults_fill_what_the_file_leaves_out() {
     assert!(s.ca.is_none());
     assert!(c.resources.workloads.is_empty());
     assert_eq!(c.resources.node, "node-a");
+    assert_eq!(c.resources.l7.authorization, L7Authorization::Tunnel);
+    assert_eq!(
+        c.resources.l7.path_normalization,
+        PathNormalization::DecodeAndMergeSlashes
+    );
+}
+
+#[test]
+fn http_ports_and_l7_settings() {
+    let c = parse_str(
+        r#"
+node: node-a
+l7Authorization: waypoint
+pathNormalization: BASE
+workloads:
+- {name: orders, namespace: prod, ips: [10.0.2.4], labels: {app: orders}, httpPorts: [8080, 9090]}
+- {name: batch, namespace: prod, ips: [10.0.2.5], labels: {app: batch}}
+services:
+- name: orders
+  namespace: prod
+  vips: [10.96.0.20]
+  ports:
+  - {port: 80, targetPort: 8080, name: http-web}
+  - {port: 81, targetPort: 8081, appProtocol: grpc}
+  - {port: 82, targetPort: 8082, name: http, appProtocol: tcp}
+  - {port: 83}
+  selector: {app: orders}
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.resources.l7.authorization, L7Authorization::Waypoint);
+    assert_eq!(c.resources.l7.path_normalization, PathNormalization::Base);
+    assert_eq!(c.settings.l7, c.resources.l7);
+    assert_eq!(c.resources.workloads[0].http_ports, Some(vec![8080, 9090]));
+    assert_eq!(c.resources.workloads[1].http_ports, None);
+    let http: Vec<bool> = c.resources.services[0]
+        .ports
+        .iter()
+        .map(|p| p.http)
+        .collect();
+    assert_eq!(http, [true, true, false, false]);
+    for (text, want) in [
+        (
+            "node: a
+l7Authorization: sidecar
+",
+            "unknown variant `sidecar`, expected `tunnel` or `waypoint`",
+        ),
+        (
+            "node: a
+pathNormalization: base
+",
+            "unknown variant `base`",
+        ),
+        (
+            "node: a
+workloads:
+- {name: w, namespace: n, ips: [10.0.0.1], httpPorts: [80, 0]}
+",
+            "workloads[0] (n/w).httpPorts[1]: ports must be in 1..=65535",
+        ),
+    ] {
+        let err = parse_str(text).expect_err(text).to_string();
+        assert!(
+            err.contains(want),
+            "{text}\n=> {err:?} does not contain {want:?}"
+        );
+    }
 }
 
 #[test]
@@ -64,11 +132,13 @@ services:
         vec![
             ServicePort {
                 port: 80,
-                target_port: 8080
+                target_port: 8080,
+                http: false
             },
             ServicePort {
                 port: 443,
-                target_port: 443
+                target_port: 443,
+                http: false
             }
         ]
     );

@@ -37,7 +37,10 @@ use tokio::task::JoinHandle;
 use super::pod_netns::{NetnsTracker, PodNetns, PodUid};
 use crate::identity::Identity;
 use crate::policy::{Document, Labels, Policy};
-use crate::state::{Resources, Service, ServicePort, State, Workload};
+use crate::state::{
+    HTTP_PORTS_ANNOTATION, L7Settings, Resources, Service, ServicePort, State, Workload,
+    parse_http_ports, speaks_http,
+};
 
 /// The label that puts a pod or namespace in the mesh (`ambient`) or a pod out (`none`).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -55,6 +58,7 @@ pub struct Settings {
     pub node: String,
     pub trust_domain: String,
     pub root_namespace: String,
+    pub l7: L7Settings,
 }
 
 /// The objects the watches hold, at one moment.
@@ -126,7 +130,24 @@ pub fn build(settings: &Settings, objects: &Objects, netns: &HashMap<PodUid, Pod
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
         let terminating = pod.metadata.deletion_timestamp.is_some();
+        let http_ports = match pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(HTTP_PORTS_ANNOTATION))
+            .map(|v| parse_http_ports(v))
+        {
+            None => None,
+            Some(Ok(ports)) => Some(ports),
+            Some(Err(e)) => {
+                rejected.push(format!(
+                    "pod {namespace}/{name}: annotation {HTTP_PORTS_ANNOTATION} ignored: {e}"
+                ));
+                None
+            }
+        };
         workloads.push(Workload {
+            http_ports,
             name: name.to_string(),
             namespace: namespace.to_string(),
             service_account,
@@ -179,6 +200,7 @@ pub fn build(settings: &Settings, objects: &Objects, netns: &HashMap<PodUid, Pod
             workloads,
             services,
             policies,
+            l7: settings.l7,
         },
         local_pods,
         rejected,
@@ -281,6 +303,7 @@ fn convert_service(
             Some(target_port) => ports.push(ServicePort {
                 port: number,
                 target_port,
+                http: speaks_http(port.name.as_deref(), port.app_protocol.as_deref()),
             }),
             None => rejected.push(format!(
                 "service {namespace}/{name} port {number}: target port {:?} is not resolved by its EndpointSlices yet",
@@ -626,6 +649,7 @@ mod tests {
             node: NODE.into(),
             trust_domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
+            l7: L7Settings::default(),
         }
     }
 
@@ -734,6 +758,49 @@ mod tests {
                               "nodeName": NODE}],
                "ports": [{"name": "http", "port": 9090, "protocol": "TCP"},
                          {"name": "admin", "port": 8081, "protocol": "TCP"}]})
+    }
+
+    #[test]
+    fn http_ports_come_from_the_pod_annotation_and_service_ports() {
+        let annotated = |n, value: &str| {
+            pod(
+                "finance",
+                &format!("p{n}"),
+                n,
+                NODE,
+                &[&format!("10.244.1.{n}")],
+                json!({"metadata": {"annotations": {HTTP_PORTS_ANNOTATION: value}}}),
+            )
+        };
+        let mut service = payments_service();
+        service["spec"]["ports"][1]["appProtocol"] = json!("kubernetes.io/h2c");
+        service["spec"]["ports"][0]["appProtocol"] = json!("tcp");
+        let objects = objects(&[
+            ("namespaces", namespace("finance", Some("ambient"))),
+            ("pods", annotated(1, "8080, 9090")),
+            ("pods", annotated(2, "http")),
+            ("services", service),
+            ("endpointslices", payments_slice()),
+        ]);
+        let built = build(&settings(), &objects, &HashMap::new());
+        let r = &built.resources;
+        assert_eq!(r.workloads[0].http_ports, Some(vec![8080, 9090]));
+        assert_eq!(r.workloads[1].http_ports, None);
+        assert!(
+            built.rejected.iter().any(|e| e.contains(
+                "pod finance/p2: annotation ztunnel.io/http-ports ignored: \"http\" is not a port"
+            )),
+            "{:?}",
+            built.rejected
+        );
+        let http: Vec<(u16, bool)> = r.services[0]
+            .ports
+            .iter()
+            .map(|p| (p.port, p.http))
+            .collect();
+        // Port 80 is named http, but its appProtocol tcp wins; 8080 is named admin,
+        // but its appProtocol is h2c.
+        assert_eq!(http, [(80, false), (8080, true)]);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! L4 AuthorizationPolicy: compiled matchers and the decision for one connection.
+//! AuthorizationPolicy: compiled matchers and the decision for one connection or one
+//! HTTP request.
 //!
 //! Istio's rules: CUSTOM first (not supported here: a workload it selects is denied),
 //! then any matching DENY denies, then with no ALLOW policy the connection is allowed,
@@ -6,6 +7,15 @@
 //! `when` AND; the entries of `from` (or `to`) OR; the fields of one entry AND; the
 //! values of a field OR, and a `notX` field matches when no value does. AUDIT and
 //! dry-run policies never change the decision; the decision lists what they matched.
+//!
+//! Three questions are answered. For a connection ([`Connection::request`] `None`):
+//! Istio's ztunnel semantics, where an ALLOW rule with HTTP fields never matches and
+//! any other rule ignores them. For one HTTP request (`Some`): the HTTP fields are
+//! matched too; only fields the tunnel can never evaluate (request principals, JWT
+//! claims, remote IP, SNI) keep the fail-safe handling. Before the requests of a
+//! connection to a port whose requests are decided one by one
+//! ([`authorize_before_requests`]): only what no request can change (CUSTOM, DENY rules
+//! without HTTP fields).
 
 use std::borrow::Borrow;
 use std::fmt::{self, Write as _};
@@ -13,6 +23,7 @@ use std::fmt::{self, Write as _};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::http::Request;
 use super::{Connection, Labels, PolicyRef, Target, selector_matches};
 
 /// What a policy does when a rule matches.
@@ -55,7 +66,7 @@ pub struct AuthorizationPolicy {
     pub provider: Option<String>,
     pub rules: Vec<Rule>,
     pub dry_run: bool,
-    /// What differs at L4 from what the policy says (L7 fields, unsupported parts).
+    /// What differs from what the policy says (HTTP fields, unsupported parts).
     pub warnings: Vec<String>,
 }
 
@@ -65,12 +76,16 @@ pub struct AuthorizationPolicy {
 pub struct Rule {
     /// Each clause is a list of alternatives; one of them must match.
     pub clauses: Vec<Clause>,
-    /// L7 fields of this rule (`to[0].operation.methods`, `when[1].request.headers`):
-    /// an ALLOW rule that has any never matches at L4; other actions had them removed.
+    /// HTTP fields of this rule (`to[0].operation.methods`, `when[1].request.headers[x]`):
+    /// matched per request; for a connection an ALLOW rule that has any never matches
+    /// and other actions ignore them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub l7_fields: Vec<String>,
-    /// Set for an ALLOW rule with L7 fields.
-    pub never_matches: bool,
+    pub http_fields: Vec<String>,
+    /// Fields the tunnel never evaluates (`from[0].source.requestPrincipals`,
+    /// `when[0].request.auth.claims[iss]`): an ALLOW rule that has any never matches;
+    /// other actions ignore them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unsupported_fields: Vec<String>,
 }
 
 /// Alternatives from one part of a rule (`from`, `to`, or one `when` condition).
@@ -81,8 +96,9 @@ pub struct Clause {
     pub alternatives: Vec<Match>,
 }
 
-/// L4 conditions that must all hold; each present field matches when one of its values
+/// Conditions that must all hold; each present field matches when one of its values
 /// does, each `not_` field when none of its values does. No field matches everything.
+/// The HTTP fields (hosts, methods, paths, headers) are only checked for a request.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Match {
@@ -111,6 +127,36 @@ pub struct Match {
     pub destination_ports: Vec<u16>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_destination_ports: Vec<u16>,
+    /// Lower case; a value matches the request's host with or without its port.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_hosts: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<StringMatch>,
+    /// Matched against the normalized path, without the query.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<StringMatch>,
+    /// `when` conditions on `request.headers[NAME]`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// A `when` condition on one request header: its values (joined with `,` when the
+/// header repeats) must match one of `values` and none of `not_values`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderMatch {
+    /// Lower case.
+    pub name: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<StringMatch>,
 }
 
 /// Istio's string match: `x` exact, `x*` prefix, `*x` suffix, `*` any non-empty value.
@@ -160,24 +206,63 @@ impl fmt::Display for StringMatch {
     }
 }
 
-/// What the connection looks like to a matcher.
+/// Which question is asked (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Connection,
+    BeforeRequests,
+    Request,
+}
+
+/// What the connection (and request) looks like to a matcher.
 struct Facts<'a> {
     principal: Option<String>,
     namespace: Option<&'a str>,
     service_account: Option<&'a str>,
     conn: &'a Connection<'a>,
+    stage: Stage,
+    request: Option<&'a Request<'a>>,
+    /// The request's host in lower case, and without its port.
+    host: Option<String>,
+    host_without_port: Option<String>,
     /// Whether a mismatch is explained in words; deciding alone needs no words, so the
     /// words are only written for a denial that needs them.
     explain: bool,
 }
 
+/// `host` without a trailing `:port` (`[v6]:port` keeps the brackets).
+fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((name, port))
+            if !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (!name.contains(':') || name.ends_with(']')) =>
+        {
+            name
+        }
+        _ => host,
+    }
+}
+
 impl<'a> Facts<'a> {
     fn new(conn: &'a Connection<'a>, explain: bool) -> Self {
+        let host = conn
+            .request
+            .and_then(|r| r.host)
+            .map(str::to_ascii_lowercase);
         Facts {
             principal: conn.identity.map(|i| i.principal()),
             namespace: conn.identity.map(|i| i.namespace()),
             service_account: conn.identity.map(|i| i.service_account()),
             conn,
+            stage: if conn.request.is_some() {
+                Stage::Request
+            } else {
+                Stage::Connection
+            },
+            request: conn.request,
+            host_without_port: host.as_deref().map(|h| strip_port(h).to_string()),
+            host,
             explain,
         }
     }
@@ -307,8 +392,76 @@ impl Match {
             &self.not_destination_ports,
             &conn.dst.port(),
             |p| *p == conn.dst.port(),
-        )
+        )?;
+        match facts.request {
+            Some(request) => self.check_request(facts, request),
+            None => Ok(()),
+        }
     }
+
+    /// Whether this match has a field only a request can satisfy.
+    pub fn has_http_fields(&self) -> bool {
+        !(self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty()
+            && self.headers.is_empty())
+    }
+
+    fn check_request(&self, facts: &Facts<'_>, request: &Request<'_>) -> Result<(), String> {
+        field(
+            facts,
+            "methods",
+            &self.methods,
+            &self.not_methods,
+            &request.method,
+            |m| m.matches(Some(request.method)),
+        )?;
+        field(
+            facts,
+            "paths",
+            &self.paths,
+            &self.not_paths,
+            &request.path,
+            |m| m.matches(Some(request.path)),
+        )?;
+        let host = facts.host.as_deref();
+        let bare = facts.host_without_port.as_deref();
+        field(
+            facts,
+            "hosts",
+            &self.hosts,
+            &self.not_hosts,
+            &show_absent(host, "(no host)"),
+            |m| m.matches(host) || m.matches(bare),
+        )?;
+        for h in &self.headers {
+            let value = request.header(&h.name);
+            let value = value.as_deref();
+            let shown = show_absent(value, "(absent)");
+            let name = format!("request.headers[{}] values", h.name);
+            if !h.values.is_empty() && !h.values.iter().any(|m| m.matches(value)) {
+                return Err(
+                    facts.why(|| format!("{name} {} do not include {shown}", list(&h.values)))
+                );
+            }
+            if let Some(hit) = h.not_values.iter().find(|m| m.matches(value)) {
+                return Err(facts.why(|| {
+                    format!(
+                        "request.headers[{}] notValues exclude {shown} (matches {hit})",
+                        h.name
+                    )
+                }));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn show_absent<'a>(value: Option<&'a str>, absent: &'a str) -> &'a str {
+    value.unwrap_or(absent)
 }
 
 impl Clause {
@@ -326,16 +479,34 @@ impl Clause {
 }
 
 impl Rule {
-    fn check(&self, facts: &Facts<'_>) -> Result<(), String> {
-        if self.never_matches {
-            return Err(facts.why(|| {
-                format!(
-                    "uses L7 fields {} that cannot be checked at L4, so this ALLOW rule never matches",
-                    list(&self.l7_fields)
-                )
-            }));
+    fn check(&self, facts: &Facts<'_>, action: Action) -> Result<(), String> {
+        if action == Action::Allow {
+            if !self.unsupported_fields.is_empty() {
+                return Err(facts.why(|| {
+                    format!(
+                        "uses fields {} that this tunnel never evaluates, so this ALLOW rule never matches",
+                        list(&self.unsupported_fields)
+                    )
+                }));
+            }
+            if facts.stage == Stage::Connection && !self.http_fields.is_empty() {
+                return Err(facts.why(|| {
+                    format!(
+                        "uses HTTP fields {} that are not checked on this port, so this ALLOW rule never matches",
+                        list(&self.http_fields)
+                    )
+                }));
+            }
+        }
+        if facts.stage == Stage::BeforeRequests && !self.http_fields.is_empty() {
+            return Err(facts.why(|| "decided per request".to_string()));
         }
         self.clauses.iter().try_for_each(|c| c.check(facts))
+    }
+
+    /// Whether this rule has fields only a request can satisfy.
+    pub fn has_http_fields(&self) -> bool {
+        !self.http_fields.is_empty()
     }
 }
 
@@ -357,6 +528,11 @@ impl AuthorizationPolicy {
             .is_none_or(|s| selector_matches(s, target.labels))
     }
 
+    /// Whether some rule has fields only a request can satisfy.
+    pub fn has_http_rules(&self) -> bool {
+        self.rules.iter().any(Rule::has_http_fields)
+    }
+
     /// The index of the first matching rule, or why none matched.
     fn first_match(&self, facts: &Facts<'_>) -> Result<usize, String> {
         if self.rules.is_empty() {
@@ -364,7 +540,7 @@ impl AuthorizationPolicy {
         }
         let mut why = Vec::new();
         for (i, rule) in self.rules.iter().enumerate() {
-            match rule.check(facts) {
+            match rule.check(facts, self.action) {
                 Ok(()) => return Ok(i),
                 Err(e) if facts.explain => why.push(format!("rule {i}: {e}")),
                 Err(_) => {}
@@ -398,23 +574,55 @@ pub struct Decision {
     pub dry_run: Vec<DryRunOutcome>,
 }
 
-/// Decides a connection against the AuthorizationPolicies that select its destination
-/// workload (see [`AuthorizationPolicy::selects`]), in config order.
+/// Decides a connection (or, with [`Connection::request`], one request) against the
+/// AuthorizationPolicies that select its destination workload (see
+/// [`AuthorizationPolicy::selects`]), in config order.
 pub fn authorize<P: Borrow<AuthorizationPolicy>>(
     policies: &[P],
     conn: &Connection<'_>,
 ) -> Decision {
-    let facts = Facts::new(conn, false);
+    decide(policies, &Facts::new(conn, false))
+}
+
+/// Decides what does not depend on the requests of a connection whose requests are
+/// then decided one by one: a CUSTOM policy, and DENY rules without HTTP fields. Every
+/// request is decided again with [`authorize`]; AUDIT and dry-run policies are
+/// reported there.
+pub fn authorize_before_requests<P: Borrow<AuthorizationPolicy>>(
+    policies: &[P],
+    conn: &Connection<'_>,
+) -> Decision {
+    let mut facts = Facts::new(conn, false);
+    facts.stage = Stage::BeforeRequests;
+    facts.request = None;
+    decide(policies, &facts)
+}
+
+/// `GET /path` of the request being decided, or nothing for a connection.
+fn request_words(facts: &Facts<'_>) -> String {
+    facts
+        .request
+        .map(|r| format!(" for {} {}", r.method, r.path))
+        .unwrap_or_default()
+}
+
+fn decide<P: Borrow<AuthorizationPolicy>>(policies: &[P], facts: &Facts<'_>) -> Decision {
+    let conn = facts.conn;
+    let before_requests = facts.stage == Stage::BeforeRequests;
     let mut audit = Vec::new();
     let mut dry_run = Vec::new();
-    for p in policies.iter().map(Borrow::borrow) {
+    for p in policies
+        .iter()
+        .map(Borrow::borrow)
+        .filter(|_| !before_requests)
+    {
         if p.dry_run {
             dry_run.push(DryRunOutcome {
                 policy: p.reference.clone(),
                 action: p.action,
-                rule: p.first_match(&facts).ok(),
+                rule: p.first_match(facts).ok(),
             });
-        } else if p.action == Action::Audit && p.first_match(&facts).is_ok() {
+        } else if p.action == Action::Audit && p.first_match(facts).is_ok() {
             audit.push(p.reference.clone());
         }
     }
@@ -443,13 +651,25 @@ pub fn authorize<P: Borrow<AuthorizationPolicy>>(
         );
     }
     for p in enforced().filter(|p| p.action == Action::Deny) {
-        if let Ok(rule) = p.first_match(&facts) {
+        if let Ok(rule) = p.first_match(facts) {
             return decision(
                 false,
                 Some(&p.reference),
-                format!("DENY policy {} rule {rule} matched", p.reference),
+                format!(
+                    "DENY policy {} rule {rule} matched{}",
+                    p.reference,
+                    request_words(facts)
+                ),
             );
         }
+    }
+    if before_requests {
+        return decision(
+            true,
+            None,
+            "no DENY rule without HTTP fields matched; each request is decided on its own"
+                .to_string(),
+        );
     }
     let is_allow = |p: &&AuthorizationPolicy| p.action == Action::Allow;
     let Some(first_allow) = enforced().find(is_allow) else {
@@ -460,11 +680,15 @@ pub fn authorize<P: Borrow<AuthorizationPolicy>>(
         );
     };
     for p in enforced().filter(is_allow) {
-        if let Ok(rule) = p.first_match(&facts) {
+        if let Ok(rule) = p.first_match(facts) {
             return decision(
                 true,
                 Some(&p.reference),
-                format!("ALLOW policy {} rule {rule} matched", p.reference),
+                format!(
+                    "ALLOW policy {} rule {rule} matched{}",
+                    p.reference,
+                    request_words(facts)
+                ),
             );
         }
     }
@@ -482,7 +706,8 @@ pub fn authorize<P: Borrow<AuthorizationPolicy>>(
         false,
         Some(&first_allow.reference),
         format!(
-            "ALLOW policies select the workload but none matched ({})",
+            "ALLOW policies select the workload but none matched{} ({})",
+            request_words(facts),
             why.join(" | ")
         ),
     )

@@ -1,10 +1,12 @@
-//! Istio PeerAuthentication and L4 AuthorizationPolicy: the resources as Istio writes
-//! them (`security.istio.io/v1` and `v1beta1`), compiled into matchers, and evaluated.
+//! Istio PeerAuthentication and AuthorizationPolicy: the resources as Istio writes them
+//! (`security.istio.io/v1` and `v1beta1`), compiled into matchers, and evaluated for a
+//! connection or for one HTTP request.
 //!
 //! Everything here is pure: data in, decision out. No I/O, no logging, no clocks; the
 //! caller (`state`) selects the workload and logs what the decision carries.
 
 mod authz;
+mod http;
 mod peer;
 mod resource;
 
@@ -21,8 +23,10 @@ use serde::Serialize;
 use crate::identity::Identity;
 
 pub use authz::{
-    Action, AuthorizationPolicy, Decision, DryRunOutcome, Match, Rule, StringMatch, authorize,
+    Action, AuthorizationPolicy, Decision, DryRunOutcome, HeaderMatch, Match, Rule, StringMatch,
+    authorize, authorize_before_requests,
 };
+pub use http::{PathError, PathNormalization, Request, normalize_path};
 pub use peer::{EffectiveMode, ModeSource, MtlsMode, PeerAuthentication, WorkloadMode};
 pub use resource::{Document, ResourceError};
 
@@ -70,7 +74,7 @@ impl Policy {
         }
     }
 
-    /// What a user should know about how this policy is enforced at L4.
+    /// What a user should know about how this policy is enforced by the tunnel.
     pub fn warnings(&self) -> &[String] {
         match self {
             Policy::Peer(_) => &[],
@@ -93,6 +97,9 @@ pub struct Connection<'a> {
     pub src_ip: IpAddr,
     pub identity: Option<&'a Identity>,
     pub dst: SocketAddr,
+    /// The HTTP request decided on this connection; `None` decides the connection
+    /// itself, with Istio's ztunnel handling of HTTP fields.
+    pub request: Option<&'a Request<'a>>,
 }
 
 /// True when every label of `selector` is on the workload with the same value.
@@ -108,8 +115,23 @@ pub fn evaluate<P: Borrow<AuthorizationPolicy>>(
     policies: &[P],
     conn: &Connection<'_>,
 ) -> Decision {
+    strict(mode, conn).unwrap_or_else(|| authorize(policies, conn))
+}
+
+/// [`evaluate`] for a connection whose requests are then decided one by one: STRICT,
+/// then only what no request can change (see [`authorize_before_requests`]).
+pub fn evaluate_before_requests<P: Borrow<AuthorizationPolicy>>(
+    mode: &EffectiveMode,
+    policies: &[P],
+    conn: &Connection<'_>,
+) -> Decision {
+    strict(mode, conn).unwrap_or_else(|| authorize_before_requests(policies, conn))
+}
+
+/// The refusal of a peer without identity under STRICT.
+fn strict(mode: &EffectiveMode, conn: &Connection<'_>) -> Option<Decision> {
     if conn.identity.is_none() && mode.mode == MtlsMode::Strict {
-        return Decision {
+        return Some(Decision {
             allowed: false,
             policy: mode.source.policy().cloned(),
             reason: format!(
@@ -119,7 +141,7 @@ pub fn evaluate<P: Borrow<AuthorizationPolicy>>(
             ),
             audit: Vec::new(),
             dry_run: Vec::new(),
-        };
+        });
     }
-    authorize(policies, conn)
+    None
 }

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 
-use super::authz::{Action, AuthorizationPolicy, Clause, Match, Rule, StringMatch};
+use super::authz::{Action, AuthorizationPolicy, Clause, HeaderMatch, Match, Rule, StringMatch};
 use super::peer::{MtlsMode, PeerAuthentication};
 use super::{DRY_RUN_ANNOTATION, Kind, Labels, Policy, PolicyRef};
 
@@ -216,8 +216,14 @@ const L4_KEYS: [&str; 5] = [
     "destination.port",
 ];
 
-/// `when` keys Istio defines that need the HTTP request (or a TLS SNI) to check.
-fn is_l7_key(key: &str) -> bool {
+/// The header name of a `request.headers[NAME]` key.
+fn header_key(key: &str) -> Option<&str> {
+    key.strip_prefix("request.headers[")?.strip_suffix(']')
+}
+
+/// `when` keys Istio defines that this tunnel never evaluates: JWT claims, the remote
+/// address behind proxies, the TLS SNI, Envoy filter metadata.
+fn is_unsupported_key(key: &str) -> bool {
     const EXACT: [&str; 6] = [
         "remote.ip",
         "request.auth.principal",
@@ -226,11 +232,7 @@ fn is_l7_key(key: &str) -> bool {
         "connection.sni",
         "source.serviceAccount",
     ];
-    const PREFIXES: [&str; 3] = [
-        "request.headers[",
-        "request.auth.claims[",
-        "experimental.envoy.filters.",
-    ];
+    const PREFIXES: [&str; 2] = ["request.auth.claims[", "experimental.envoy.filters."];
     EXACT.contains(&key) || PREFIXES.iter().any(|p| key.starts_with(p))
 }
 
@@ -312,7 +314,8 @@ impl Source {
         })
     }
 
-    fn l7_fields(&self, at: &str) -> Vec<String> {
+    /// The fields this tunnel never evaluates.
+    fn unsupported_fields(&self, at: &str) -> Vec<String> {
         l7_names(
             at,
             &[
@@ -328,16 +331,35 @@ impl Source {
     }
 }
 
+fn lower(matches: Vec<StringMatch>) -> Vec<StringMatch> {
+    matches
+        .into_iter()
+        .map(|m| match m {
+            StringMatch::Exact(s) => StringMatch::Exact(s.to_ascii_lowercase()),
+            StringMatch::Prefix(s) => StringMatch::Prefix(s.to_ascii_lowercase()),
+            StringMatch::Suffix(s) => StringMatch::Suffix(s.to_ascii_lowercase()),
+            StringMatch::Presence => StringMatch::Presence,
+        })
+        .collect()
+}
+
 impl Operation {
-    fn compile(&self) -> Match {
-        Match {
+    fn compile(&self, at: &str) -> Result<Match, ResourceError> {
+        Ok(Match {
             destination_ports: ports(&self.ports),
             not_destination_ports: ports(&self.not_ports),
+            hosts: lower(string_matches(&format!("{at}.hosts"), &self.hosts)?),
+            not_hosts: lower(string_matches(&format!("{at}.notHosts"), &self.not_hosts)?),
+            methods: string_matches(&format!("{at}.methods"), &self.methods)?,
+            not_methods: string_matches(&format!("{at}.notMethods"), &self.not_methods)?,
+            paths: string_matches(&format!("{at}.paths"), &self.paths)?,
+            not_paths: string_matches(&format!("{at}.notPaths"), &self.not_paths)?,
             ..Match::default()
-        }
+        })
     }
 
-    fn l7_fields(&self, at: &str) -> Vec<String> {
+    /// The fields matched per request.
+    fn http_fields(&self, at: &str) -> Vec<String> {
         l7_names(
             at,
             &[
@@ -368,7 +390,7 @@ fn parse_values<T>(
 }
 
 impl Condition {
-    /// The L4 match of this condition, or `None` for an L7 key.
+    /// The match of this condition, or `None` for a key this tunnel never evaluates.
     fn compile(&self, at: &str) -> Result<Option<Match>, ResourceError> {
         if self.values.is_empty() && self.not_values.is_empty() {
             return Err(invalid(at, "a condition needs values or notValues"));
@@ -401,12 +423,26 @@ impl Condition {
                 m.principals = string_matches(&values, &self.values)?;
                 m.not_principals = string_matches(&not_values, &self.not_values)?;
             }
-            key if is_l7_key(key) => return Ok(None),
+            key if header_key(key).is_some() => {
+                let name = header_key(key).unwrap_or_default();
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    return Err(invalid(
+                        format!("{at}.key"),
+                        format!("{name:?} is not a valid HTTP header name"),
+                    ));
+                }
+                m.headers.push(HeaderMatch {
+                    name: name.to_ascii_lowercase(),
+                    values: string_matches(&values, &self.values)?,
+                    not_values: string_matches(&not_values, &self.not_values)?,
+                });
+            }
+            key if is_unsupported_key(key) => return Ok(None),
             key => {
                 return Err(invalid(
                     format!("{at}.key"),
                     format!(
-                        "unknown key {key:?}; L4 keys are {}, and Istio's request.*, remote.ip and connection.sni keys need a waypoint",
+                        "unknown key {key:?}; the tunnel checks {} and request.headers[NAME]; Istio's request.auth.*, remote.ip and connection.sni keys are never evaluated",
                         L4_KEYS.join(", ")
                     ),
                 ));
@@ -417,33 +453,28 @@ impl Condition {
 }
 
 impl RawRule {
-    fn compile(
-        &self,
-        at: &str,
-        action: Action,
-        policy_namespace: &str,
-    ) -> Result<Rule, ResourceError> {
+    fn compile(&self, at: &str, policy_namespace: &str) -> Result<Rule, ResourceError> {
         let mut rule = Rule::default();
         let mut from = Vec::new();
         for (i, f) in self.from.iter().enumerate() {
             let at = format!("{at}.from[{i}].source");
-            let l7 = f.source.l7_fields(&format!("from[{i}].source"));
+            let unsupported = f.source.unsupported_fields(&format!("from[{i}].source"));
             let m = f.source.compile(&at, policy_namespace)?;
-            if m.is_empty() && l7.is_empty() {
+            if m.is_empty() && unsupported.is_empty() {
                 return Err(invalid(at, "a source needs at least one field"));
             }
-            rule.l7_fields.extend(l7);
+            rule.unsupported_fields.extend(unsupported);
             from.push(m);
         }
         let mut to = Vec::new();
         for (i, t) in self.to.iter().enumerate() {
             let at = format!("{at}.to[{i}].operation");
-            let l7 = t.operation.l7_fields(&format!("to[{i}].operation"));
-            let m = t.operation.compile();
-            if m.is_empty() && l7.is_empty() {
+            let http = t.operation.http_fields(&format!("to[{i}].operation"));
+            let m = t.operation.compile(&at)?;
+            if m.is_empty() {
                 return Err(invalid(at, "an operation needs at least one field"));
             }
-            rule.l7_fields.extend(l7);
+            rule.http_fields.extend(http);
             to.push(m);
         }
         if !from.is_empty() {
@@ -460,14 +491,18 @@ impl RawRule {
         }
         for (i, c) in self.when.iter().enumerate() {
             match c.compile(&format!("{at}.when[{i}]"))? {
-                Some(m) => rule.clauses.push(Clause {
-                    origin: format!("when[{i}] {}", c.key),
-                    alternatives: vec![m],
-                }),
-                None => rule.l7_fields.push(format!("when[{i}].{}", c.key)),
+                Some(m) => {
+                    if m.has_http_fields() {
+                        rule.http_fields.push(format!("when[{i}].{}", c.key));
+                    }
+                    rule.clauses.push(Clause {
+                        origin: format!("when[{i}] {}", c.key),
+                        alternatives: vec![m],
+                    });
+                }
+                None => rule.unsupported_fields.push(format!("when[{i}].{}", c.key)),
             }
         }
-        rule.never_matches = action == Action::Allow && !rule.l7_fields.is_empty();
         Ok(rule)
     }
 }
@@ -595,7 +630,7 @@ impl Document {
             .iter()
             .flatten()
             .enumerate()
-            .map(|(i, r)| r.compile(&format!("spec.rules[{i}]"), action, &namespace))
+            .map(|(i, r)| r.compile(&format!("spec.rules[{i}]"), &namespace))
             .collect::<Result<Vec<_>, _>>()?;
         let mut warnings = Vec::new();
         if target_refs {
@@ -613,21 +648,36 @@ impl Document {
             ));
         }
         for (i, rule) in rules.iter().enumerate() {
-            if rule.l7_fields.is_empty() {
-                continue;
+            if !rule.unsupported_fields.is_empty() {
+                let fields = rule.unsupported_fields.join(", ");
+                warnings.push(match action {
+                    Action::Allow => format!(
+                        "rule {i} uses fields [{fields}] that this tunnel never evaluates: this \
+                         ALLOW rule never matches (use a waypoint to enforce them)"
+                    ),
+                    _ => format!(
+                        "rule {i} uses fields [{fields}] that this tunnel never evaluates: this \
+                         {action} rule ignores them and matches on its other fields only, so it \
+                         matches more than it would in a waypoint"
+                    ),
+                });
             }
-            let fields = rule.l7_fields.join(", ");
-            warnings.push(match action {
-                Action::Allow => format!(
-                    "rule {i} uses L7 fields [{fields}] that cannot be checked at L4: this ALLOW \
-                     rule never matches (use a waypoint to enforce HTTP rules)"
-                ),
-                _ => format!(
-                    "rule {i} uses L7 fields [{fields}] that cannot be checked at L4: this {action} \
-                     rule ignores them and matches on its other fields only, so it matches more \
-                     than it would at L7"
-                ),
-            });
+            if !rule.http_fields.is_empty() {
+                let fields = rule.http_fields.join(", ");
+                warnings.push(match action {
+                    Action::Allow => format!(
+                        "rule {i} uses HTTP fields [{fields}]: checked per request on the HTTP \
+                         ports of the workloads it selects; on other ports (or with \
+                         l7Authorization: waypoint) this ALLOW rule never matches"
+                    ),
+                    _ => format!(
+                        "rule {i} uses HTTP fields [{fields}]: checked per request on the HTTP \
+                         ports of the workloads it selects; on other ports (or with \
+                         l7Authorization: waypoint) this {action} rule ignores them and matches \
+                         on its other fields only"
+                    ),
+                });
+            }
         }
         Ok(AuthorizationPolicy {
             reference: PolicyRef {

@@ -67,6 +67,7 @@ fn decide(
         src_ip: src_ip.parse().expect("test address"),
         identity: from,
         dst,
+        request: None,
     };
     evaluate(&mode_of(policies, ns, labels, dst.port()), &authz, &conn)
 }
@@ -736,7 +737,7 @@ fn authorization_decisions() {
             dst: "10.0.1.10:9090",
             allowed: false,
             policy: Some("finance/charge-http"),
-            reason: "uses L7 fields [to[0].operation.methods, to[0].operation.paths] that cannot be checked at L4, so this ALLOW rule never matches",
+            reason: "uses HTTP fields [to[0].operation.methods, to[0].operation.paths] that are not checked on this port, so this ALLOW rule never matches",
         },
         AuthzCase {
             name: "an L4 ALLOW beside the L7 one still allows",
@@ -1530,4 +1531,895 @@ fn the_cluster_example_policies_compile_unchanged() {
         "10.0.2.4:8080",
     );
     assert_eq!(plain.policy.unwrap().to_string(), "shop/default");
+}
+
+/// Istio's own path normalization expectations (its integration tests of
+/// `meshConfig.pathNormalization`), plus the bypass forms of a DENY on `/admin*`.
+#[test]
+fn path_normalization_follows_istio() {
+    use PathNormalization::{Base, DecodeAndMergeSlashes as Decode, MergeSlashes as Merge, None};
+    let cases: &[(PathNormalization, &str, &str)] = &[
+        (None, "/app/../admin", "/app/../admin"),
+        (None, "/app//", "/app//"),
+        (None, "/xyz%30..//abc", "/xyz%30..//abc"),
+        (None, "/a?x=/../b", "/a"),
+        (Base, "/", "/"),
+        (Base, "/app#foo", "/app"),
+        (Base, "/app/", "/app/"),
+        (Base, "/app/../admin", "/admin"),
+        (Base, "/app//", "/app//"),
+        (Base, "/app/%2f", "/app/%2f"),
+        (Base, "/app%2f/", "/app%2f/"),
+        (Base, "/xyz%30..//abc", "/xyz0..//abc"),
+        (Base, "/app/%2E./admin", "/admin"),
+        (Base, r"/app\admin", "/app/admin"),
+        (Base, r"/app/\/\/\admin", "/app//////admin"),
+        (Base, r"/%2Fapp%5cadmin%5Cabc", r"/%2Fapp%5cadmin%5Cabc"),
+        (
+            Base,
+            r"/%5Capp%2f%5c%2F%2e%2e%2fadmin%5c\abc",
+            r"/%5Capp%2f%5c%2F..%2fadmin%5c/abc",
+        ),
+        (Base, "/app//../admin", "/app/admin"),
+        (Base, "/app//../../admin", "/admin"),
+        (Base, "/a/..", "/"),
+        (Base, "/a/.", "/a/"),
+        (Base, "/../../x", "/x"),
+        (Base, "/%61dmin", "/admin"),
+        (Base, "/a%7Eb%2Dc%5F", "/a~b-c_"),
+        (Base, "/caf%C3%A9", "/caf%C3%A9"),
+        (Base, "/100%zz", "/100%zz"),
+        (Base, "/charge?amount=1", "/charge"),
+        (Merge, "/app//", "/app/"),
+        (Merge, "/app/%2f", "/app/%2f"),
+        (Merge, "/xyz%30..//abc", "/xyz0../abc"),
+        (Merge, r"/app/\/\/\admin", "/app/admin"),
+        (Merge, r"/%2Fapp%5cadmin%5Cabc", r"/%2Fapp%5cadmin%5Cabc"),
+        (Merge, "/app//../../admin", "/admin"),
+        (Decode, "/app/%2f", "/app/"),
+        (Decode, "/app%2f/", "/app/"),
+        (Decode, r"/%2Fapp%5cadmin%5Cabc", "/app/admin/abc"),
+        (
+            Decode,
+            r"/%5Capp%2f%5c%2F%2e%2e%2fadmin%5c\abc",
+            "/app/admin/abc",
+        ),
+        (Decode, "/%c0%2e%c0%2e/admin", "/%c0.%c0./admin"),
+        (Decode, "/%c0%2fadmin", "/%c0/admin"),
+        (Decode, "/%252e%252e/admin", "/%252e%252e/admin"),
+        (Decode, "/..;/admin", "/..;/admin"),
+        (Decode, "/ADMIN", "/ADMIN"),
+        (Decode, "//admin", "/admin"),
+        (Decode, "/./admin", "/admin"),
+        (Decode, "/x/../admin", "/admin"),
+        (Decode, "/%2Fadmin", "/admin"),
+        (Decode, "/%61dmin", "/admin"),
+        (Decode, "/%2e%2e/admin", "/admin"),
+    ];
+    for (mode, input, want) in cases {
+        assert_eq!(
+            normalize_path(input, *mode).as_deref(),
+            Ok(*want),
+            "{mode} {input}"
+        );
+    }
+    for mode in [None, Base, Merge, Decode] {
+        for bad in ["/admin%00", "/a\0b", "admin", "", "*"] {
+            let e = normalize_path(bad, mode).expect_err(bad);
+            assert_eq!(e.path, bad, "{mode}");
+            assert!(e.to_string().contains("cannot be normalized"), "{e}");
+        }
+    }
+}
+
+/// One HTTP request in a test: method, raw path, host, headers.
+struct Req {
+    method: &'static str,
+    path: &'static str,
+    host: Option<&'static str>,
+    headers: &'static [(&'static str, &'static str)],
+}
+
+const fn req(method: &'static str, path: &'static str) -> Req {
+    Req {
+        method,
+        path,
+        host: Option::None,
+        headers: &[],
+    }
+}
+
+struct RequestCase {
+    name: &'static str,
+    policies: &'static [&'static str],
+    from: Option<&'static str>,
+    dst: &'static str,
+    request: Req,
+    allowed: bool,
+    policy: Option<&'static str>,
+    reason: &'static str,
+}
+
+fn identity_of(from: Option<&str>) -> Option<Identity> {
+    from.map(|f| {
+        let (ns, sa) = f.split_once('/').expect("ns/sa");
+        Identity::new("cluster.local", ns, sa).expect("test identity")
+    })
+}
+
+/// Decides one request to a `finance` workload labelled `app: payments`, with the path
+/// normalized as the tunnel does by default.
+fn decide_request(policies: &[Policy], from: Option<&Identity>, dst: &str, r: &Req) -> Decision {
+    let dst: SocketAddr = dst.parse().expect("test address");
+    let labels = labels(&[("app", "payments")]);
+    let target = Target {
+        namespace: "finance",
+        labels: &labels,
+    };
+    let authz: Vec<&AuthorizationPolicy> = policies
+        .iter()
+        .filter_map(|p| match p {
+            Policy::Authz(a) if a.selects(ROOT, target) => Some(a),
+            _ => Option::None,
+        })
+        .collect();
+    let mut headers = ::http::HeaderMap::new();
+    for (k, v) in r.headers {
+        headers.append(
+            ::http::HeaderName::from_bytes(k.as_bytes()).expect("test header"),
+            ::http::HeaderValue::from_str(v).expect("test header"),
+        );
+    }
+    let path = normalize_path(r.path, PathNormalization::default()).expect("test path");
+    let request = Request {
+        method: r.method,
+        path: &path,
+        host: r.host,
+        headers: &headers,
+    };
+    let conn = Connection {
+        src_ip: "10.0.2.4".parse().expect("test address"),
+        identity: from,
+        dst,
+        request: Some(&request),
+    };
+    evaluate(
+        &mode_of(policies, "finance", &labels, dst.port()),
+        &authz,
+        &conn,
+    )
+}
+
+const PAYMENTS_ALLOW_CHARGE: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: payments-allow, namespace: finance}
+spec:
+  selector: {matchLabels: {app: payments}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {principals: ["cluster.local/ns/prod/sa/orders"]}
+    to:
+    - operation:
+        methods: ["POST"]
+        paths: ["/charge"]
+        ports: ["9090"]
+"#;
+
+const DENY_ADMIN: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: finance}
+spec:
+  action: DENY
+  rules:
+  - to:
+    - operation: {paths: ["/admin*"]}
+"#;
+
+const MATCH_FORMS: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: forms, namespace: finance}
+spec:
+  rules:
+  - to:
+    - operation: {paths: ["/exact"]}
+    - operation: {paths: ["/api/*"]}
+    - operation: {paths: ["*.png"]}
+    - operation: {methods: ["OPTIONS"], paths: ["*"]}
+"#;
+
+const HOSTS: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: hosts, namespace: finance}
+spec:
+  rules:
+  - to:
+    - operation:
+        hosts: ["Payments.Finance.svc.cluster.local", "*.example.com"]
+        notHosts: ["bad.example.com"]
+"#;
+
+const NOT_FIELDS: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: not-fields, namespace: finance}
+spec:
+  rules:
+  - to:
+    - operation:
+        notMethods: ["DELETE"]
+        notPaths: ["/internal*"]
+"#;
+
+const HEADERS: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: headers, namespace: finance}
+spec:
+  rules:
+  - when:
+    - key: request.headers[X-Tenant]
+      values: ["acme", "beta*"]
+    - key: request.headers[x-debug]
+      notValues: ["*"]
+"#;
+
+const REQUEST_PRINCIPALS_ALLOW: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: jwt-allow, namespace: finance}
+spec:
+  rules:
+  - from:
+    - source: {requestPrincipals: ["issuer/subject"]}
+    to:
+    - operation: {methods: ["GET"]}
+"#;
+
+const JWT_DENY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: jwt-deny, namespace: finance}
+spec:
+  action: DENY
+  rules:
+  - to:
+    - operation: {methods: ["DELETE"]}
+    when:
+    - key: request.auth.claims[group]
+      values: ["guests"]
+"#;
+
+const GRPC_ALLOW: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: grpc, namespace: finance}
+spec:
+  rules:
+  - to:
+    - operation: {methods: ["POST"], paths: ["/pkg.Payments/Charge"]}
+"#;
+
+#[test]
+fn request_decisions() {
+    let cases = [
+        RequestCase {
+            name: "orders POST /charge is allowed",
+            policies: &[PAYMENTS_ALLOW_CHARGE],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("POST", "/charge"),
+            allowed: true,
+            policy: Some("finance/payments-allow"),
+            reason: "ALLOW policy finance/payments-allow rule 0 matched for POST /charge",
+        },
+        RequestCase {
+            name: "orders GET /charge: the method fails",
+            policies: &[PAYMENTS_ALLOW_CHARGE],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/charge"),
+            allowed: false,
+            policy: Some("finance/payments-allow"),
+            reason: "finance/payments-allow: rule 0: to: methods [POST] do not include GET",
+        },
+        RequestCase {
+            name: "orders POST /refund: the path fails",
+            policies: &[PAYMENTS_ALLOW_CHARGE],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("POST", "/refund"),
+            allowed: false,
+            policy: Some("finance/payments-allow"),
+            reason: "rule 0: to: paths [/charge] do not include /refund",
+        },
+        RequestCase {
+            name: "inventory POST /charge: the principal fails",
+            policies: &[PAYMENTS_ALLOW_CHARGE],
+            from: Some("prod/inventory"),
+            dst: "10.0.1.10:9090",
+            request: req("POST", "/charge"),
+            allowed: false,
+            policy: Some("finance/payments-allow"),
+            reason: "rule 0: from: principals [cluster.local/ns/prod/sa/orders] do not include cluster.local/ns/prod/sa/inventory",
+        },
+        RequestCase {
+            name: "the query is not part of the path",
+            policies: &[PAYMENTS_ALLOW_CHARGE],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("POST", "/charge?amount=10"),
+            allowed: true,
+            policy: Some("finance/payments-allow"),
+            reason: "rule 0 matched",
+        },
+        RequestCase {
+            name: "ports is still checked per request",
+            policies: &[PAYMENTS_ALLOW_CHARGE],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:8080",
+            request: req("POST", "/charge"),
+            allowed: false,
+            policy: Some("finance/payments-allow"),
+            reason: "ports [9090] do not include 8080",
+        },
+        RequestCase {
+            name: "DENY /admin* denies /admin",
+            policies: &[DENY_ADMIN, PAYMENTS_ALLOW_CHARGE],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("POST", "/admin"),
+            allowed: false,
+            policy: Some("finance/deny-admin"),
+            reason: "DENY policy finance/deny-admin rule 0 matched for POST /admin",
+        },
+        RequestCase {
+            name: "DENY /admin* lets other paths through to the ALLOW",
+            policies: &[DENY_ADMIN, PAYMENTS_ALLOW_CHARGE],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("POST", "/charge"),
+            allowed: true,
+            policy: Some("finance/payments-allow"),
+            reason: "rule 0 matched",
+        },
+        RequestCase {
+            name: "DENY is decided before ALLOW: an allowed request on a denied path",
+            policies: &[PAYMENTS_ALLOW_CHARGE, DENY_ADMIN],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("POST", "/admin/charge"),
+            allowed: false,
+            policy: Some("finance/deny-admin"),
+            reason: "DENY policy finance/deny-admin rule 0 matched",
+        },
+        RequestCase {
+            name: "bypass //admin is denied",
+            policies: &[DENY_ADMIN],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("GET", "//admin"),
+            allowed: false,
+            policy: Some("finance/deny-admin"),
+            reason: "for GET /admin",
+        },
+        RequestCase {
+            name: "bypass /./admin is denied",
+            policies: &[DENY_ADMIN],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/./admin"),
+            allowed: false,
+            policy: Some("finance/deny-admin"),
+            reason: "for GET /admin",
+        },
+        RequestCase {
+            name: "bypass /x/../admin is denied",
+            policies: &[DENY_ADMIN],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/x/../admin"),
+            allowed: false,
+            policy: Some("finance/deny-admin"),
+            reason: "for GET /admin",
+        },
+        RequestCase {
+            name: "bypass /%2Fadmin is denied",
+            policies: &[DENY_ADMIN],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/%2Fadmin"),
+            allowed: false,
+            policy: Some("finance/deny-admin"),
+            reason: "for GET /admin",
+        },
+        RequestCase {
+            name: "bypass /%61dmin is denied",
+            policies: &[DENY_ADMIN],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/%61dmin"),
+            allowed: false,
+            policy: Some("finance/deny-admin"),
+            reason: "for GET /admin",
+        },
+        RequestCase {
+            name: "paths are case sensitive: /Admin is another path",
+            policies: &[DENY_ADMIN],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/Admin"),
+            allowed: true,
+            policy: None,
+            reason: "no ALLOW policy",
+        },
+        RequestCase {
+            name: "exact path",
+            policies: &[MATCH_FORMS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/exact"),
+            allowed: true,
+            policy: Some("finance/forms"),
+            reason: "rule 0 matched",
+        },
+        RequestCase {
+            name: "exact path does not match a longer one",
+            policies: &[MATCH_FORMS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/exact/more"),
+            allowed: false,
+            policy: Some("finance/forms"),
+            reason: "[0]: paths [/exact] do not include /exact/more",
+        },
+        RequestCase {
+            name: "prefix path",
+            policies: &[MATCH_FORMS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/api/v1/x"),
+            allowed: true,
+            policy: Some("finance/forms"),
+            reason: "rule 0 matched",
+        },
+        RequestCase {
+            name: "suffix path",
+            policies: &[MATCH_FORMS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/img/logo.png"),
+            allowed: true,
+            policy: Some("finance/forms"),
+            reason: "rule 0 matched",
+        },
+        RequestCase {
+            name: "any path with a method",
+            policies: &[MATCH_FORMS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: req("OPTIONS", "/whatever"),
+            allowed: true,
+            policy: Some("finance/forms"),
+            reason: "rule 0 matched",
+        },
+        RequestCase {
+            name: "no form matches",
+            policies: &[MATCH_FORMS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/apix"),
+            allowed: false,
+            policy: Some("finance/forms"),
+            reason: "[3]: methods [OPTIONS] do not include GET",
+        },
+        RequestCase {
+            name: "host exact, case-insensitive",
+            policies: &[HOSTS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: Req {
+                host: Some("payments.finance.svc.CLUSTER.local"),
+                ..req("GET", "/")
+            },
+            allowed: true,
+            policy: Some("finance/hosts"),
+            reason: "rule 0 matched",
+        },
+        RequestCase {
+            name: "host with its port",
+            policies: &[HOSTS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: Req {
+                host: Some("payments.finance.svc.cluster.local:9090"),
+                ..req("GET", "/")
+            },
+            allowed: true,
+            policy: Some("finance/hosts"),
+            reason: "rule 0 matched",
+        },
+        RequestCase {
+            name: "host suffix",
+            policies: &[HOSTS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: Req {
+                host: Some("api.example.com:443"),
+                ..req("GET", "/")
+            },
+            allowed: true,
+            policy: Some("finance/hosts"),
+            reason: "rule 0 matched",
+        },
+        RequestCase {
+            name: "notHosts excludes a host the suffix matches",
+            policies: &[HOSTS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: Req {
+                host: Some("BAD.example.com:80"),
+                ..req("GET", "/")
+            },
+            allowed: false,
+            policy: Some("finance/hosts"),
+            reason: "notHosts excludes bad.example.com:80 (matches bad.example.com)",
+        },
+        RequestCase {
+            name: "another host",
+            policies: &[HOSTS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: Req {
+                host: Some("evil.test"),
+                ..req("GET", "/")
+            },
+            allowed: false,
+            policy: Some("finance/hosts"),
+            reason: "do not include evil.test",
+        },
+        RequestCase {
+            name: "no host at all",
+            policies: &[HOSTS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/"),
+            allowed: false,
+            policy: Some("finance/hosts"),
+            reason: "do not include (no host)",
+        },
+        RequestCase {
+            name: "notMethods and notPaths pass other requests",
+            policies: &[NOT_FIELDS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/public"),
+            allowed: true,
+            policy: Some("finance/not-fields"),
+            reason: "rule 0 matched",
+        },
+        RequestCase {
+            name: "notMethods excludes DELETE",
+            policies: &[NOT_FIELDS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: req("DELETE", "/public"),
+            allowed: false,
+            policy: Some("finance/not-fields"),
+            reason: "notMethods excludes DELETE (matches DELETE)",
+        },
+        RequestCase {
+            name: "notPaths excludes a normalized prefix",
+            policies: &[NOT_FIELDS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/x/..//internal/keys"),
+            allowed: false,
+            policy: Some("finance/not-fields"),
+            reason: "notPaths excludes /internal/keys (matches /internal*)",
+        },
+        RequestCase {
+            name: "header values match exactly or by prefix",
+            policies: &[HEADERS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: Req {
+                headers: &[("x-tenant", "beta-7")],
+                ..req("GET", "/")
+            },
+            allowed: true,
+            policy: Some("finance/headers"),
+            reason: "rule 0 matched",
+        },
+        RequestCase {
+            name: "header value that does not match",
+            policies: &[HEADERS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: Req {
+                headers: &[("x-tenant", "other")],
+                ..req("GET", "/")
+            },
+            allowed: false,
+            policy: Some("finance/headers"),
+            reason: "request.headers[x-tenant] values [acme, beta*] do not include other",
+        },
+        RequestCase {
+            name: "a repeated header is seen joined with commas",
+            policies: &[HEADERS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: Req {
+                headers: &[("x-tenant", "acme"), ("x-tenant", "evil")],
+                ..req("GET", "/")
+            },
+            allowed: false,
+            policy: Some("finance/headers"),
+            reason: "do not include acme,evil",
+        },
+        RequestCase {
+            name: "absent header matches no values",
+            policies: &[HEADERS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/"),
+            allowed: false,
+            policy: Some("finance/headers"),
+            reason: "do not include (absent)",
+        },
+        RequestCase {
+            name: "header notValues: present header excluded",
+            policies: &[HEADERS],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: Req {
+                headers: &[("x-tenant", "acme"), ("x-debug", "1")],
+                ..req("GET", "/")
+            },
+            allowed: false,
+            policy: Some("finance/headers"),
+            reason: "request.headers[x-debug] notValues exclude 1 (matches *)",
+        },
+        RequestCase {
+            name: "requestPrincipals: the ALLOW rule never matches, even per request",
+            policies: &[REQUEST_PRINCIPALS_ALLOW],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/"),
+            allowed: false,
+            policy: Some("finance/jwt-allow"),
+            reason: "uses fields [from[0].source.requestPrincipals] that this tunnel never evaluates",
+        },
+        RequestCase {
+            name: "JWT claim on a DENY is ignored: the HTTP fields still decide",
+            policies: &[JWT_DENY],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("DELETE", "/x"),
+            allowed: false,
+            policy: Some("finance/jwt-deny"),
+            reason: "DENY policy finance/jwt-deny rule 0 matched for DELETE /x",
+        },
+        RequestCase {
+            name: "JWT claim on a DENY is ignored: other methods pass",
+            policies: &[JWT_DENY],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/x"),
+            allowed: true,
+            policy: None,
+            reason: "no ALLOW policy",
+        },
+        RequestCase {
+            name: "gRPC method allowed",
+            policies: &[GRPC_ALLOW],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("POST", "/pkg.Payments/Charge"),
+            allowed: true,
+            policy: Some("finance/grpc"),
+            reason: "rule 0 matched",
+        },
+        RequestCase {
+            name: "another gRPC method denied",
+            policies: &[GRPC_ALLOW],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("POST", "/pkg.Payments/Refund"),
+            allowed: false,
+            policy: Some("finance/grpc"),
+            reason: "paths [/pkg.Payments/Charge] do not include /pkg.Payments/Refund",
+        },
+        RequestCase {
+            name: "STRICT still refuses a plaintext request",
+            policies: &[PAYMENTS_STRICT, DENY_ADMIN],
+            from: None,
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/public"),
+            allowed: false,
+            policy: Some("finance/payments-strict"),
+            reason: "plaintext refused: mTLS mode STRICT",
+        },
+        RequestCase {
+            name: "CUSTOM still fails closed per request",
+            policies: &[CUSTOM],
+            from: Some("prod/orders"),
+            dst: "10.0.1.10:9090",
+            request: req("GET", "/"),
+            allowed: false,
+            policy: Some("finance/ext-authz"),
+            reason: "is not supported by this tunnel",
+        },
+    ];
+    for case in cases {
+        let policies = compile_all(&case.policies.join("\n---\n"));
+        let identity = identity_of(case.from);
+        let d = decide_request(&policies, identity.as_ref(), case.dst, &case.request);
+        assert_eq!(d.allowed, case.allowed, "{}: {d:?}", case.name);
+        assert_eq!(
+            d.policy.as_ref().map(ToString::to_string).as_deref(),
+            case.policy,
+            "{}: {d:?}",
+            case.name
+        );
+        assert!(
+            d.reason.contains(case.reason),
+            "{}: reason {:?} does not contain {:?}",
+            case.name,
+            d.reason,
+            case.reason
+        );
+    }
+}
+
+/// The connection to a port whose requests are decided one by one: only what no
+/// request can change denies it.
+#[test]
+fn connections_before_per_request_decisions() {
+    let conn = |policies: &[&str], from: Option<&str>| {
+        let policies = compile_all(&policies.join("\n---\n"));
+        let identity = identity_of(from);
+        let labels = labels(&[("app", "payments")]);
+        let dst: SocketAddr = "10.0.1.10:9090".parse().unwrap();
+        let target = Target {
+            namespace: "finance",
+            labels: &labels,
+        };
+        let authz: Vec<&AuthorizationPolicy> = policies
+            .iter()
+            .filter_map(|p| match p {
+                Policy::Authz(a) if a.selects(ROOT, target) => Some(a),
+                _ => Option::None,
+            })
+            .collect();
+        let c = Connection {
+            src_ip: "10.0.2.4".parse().unwrap(),
+            identity: identity.as_ref(),
+            dst,
+            request: Option::None,
+        };
+        let before = evaluate_before_requests(
+            &mode_of(&policies, "finance", &labels, dst.port()),
+            &authz,
+            &c,
+        );
+        let l4 = evaluate(
+            &mode_of(&policies, "finance", &labels, dst.port()),
+            &authz,
+            &c,
+        );
+        (before, l4)
+    };
+    // An ALLOW with HTTP fields does not refuse the connection: its requests decide.
+    let (before, l4) = conn(&[PAYMENTS_ALLOW_CHARGE], Some("prod/inventory"));
+    assert!(before.allowed, "{before:?}");
+    assert!(before.reason.contains("each request is decided"));
+    assert!(!l4.allowed, "at L4 the ALLOW rule never matches: {l4:?}");
+    // A DENY with HTTP fields does not refuse it either (at L4 it would deny all).
+    let (before, l4) = conn(&[DENY_ADMIN], Some("prod/orders"));
+    assert!(before.allowed, "{before:?}");
+    assert!(!l4.allowed, "at L4 the DENY ignores paths: {l4:?}");
+    // A DENY without HTTP fields, STRICT and CUSTOM still refuse it.
+    let (before, _) = conn(&[DENY_PROD_NS], Some("prod/orders"));
+    assert!(!before.allowed, "{before:?}");
+    assert_eq!(before.policy.unwrap().to_string(), "finance/deny-prod");
+    let (before, _) = conn(&[PAYMENTS_STRICT, DENY_ADMIN], Option::None);
+    assert!(!before.allowed);
+    assert!(before.reason.contains("STRICT"));
+    let (before, _) = conn(&[CUSTOM], Some("prod/orders"));
+    assert!(!before.allowed);
+    // A DENY whose only request field is a JWT claim matches on its other fields.
+    let (before, _) = conn(&[JWT_DENY_NS], Some("prod/orders"));
+    assert!(!before.allowed, "{before:?}");
+}
+
+const DENY_PROD_NS: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-prod, namespace: finance}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {namespaces: ["prod"]}
+"#;
+
+const JWT_DENY_NS: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: jwt-deny-ns, namespace: finance}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {namespaces: ["prod"]}
+    when:
+    - key: request.auth.claims[group]
+      values: ["guests"]
+"#;
+
+#[test]
+fn http_and_unsupported_fields_are_told_apart() {
+    let policies = compile_all(
+        &[
+            PAYMENTS_ALLOW_CHARGE,
+            HEADERS,
+            REQUEST_PRINCIPALS_ALLOW,
+            JWT_DENY,
+            DENY_PROD_NS,
+        ]
+        .join("\n---\n"),
+    );
+    let authz: Vec<&AuthorizationPolicy> = policies
+        .iter()
+        .filter_map(|p| match p {
+            Policy::Authz(a) => Some(a),
+            Policy::Peer(_) => Option::None,
+        })
+        .collect();
+    assert_eq!(
+        authz[0].rules[0].http_fields,
+        ["to[0].operation.methods", "to[0].operation.paths"]
+    );
+    assert!(authz[0].has_http_rules());
+    assert_eq!(
+        authz[1].rules[0].http_fields,
+        [
+            "when[0].request.headers[X-Tenant]",
+            "when[1].request.headers[x-debug]"
+        ]
+    );
+    assert_eq!(
+        authz[2].rules[0].unsupported_fields,
+        ["from[0].source.requestPrincipals"]
+    );
+    assert_eq!(authz[2].rules[0].http_fields, ["to[0].operation.methods"]);
+    assert_eq!(
+        authz[3].rules[0].unsupported_fields,
+        ["when[0].request.auth.claims[group]"]
+    );
+    assert!(!authz[4].has_http_rules());
+    let w = |i: usize| policies[i].warnings().join(" ");
+    assert!(w(0).contains("checked per request on the HTTP ports"));
+    assert!(w(0).contains("this ALLOW rule never matches"));
+    assert!(w(2).contains("never evaluates: this ALLOW rule never matches"));
+    assert!(w(3).contains("never evaluates: this DENY rule ignores them"));
+    assert!(w(4).is_empty());
+    let bad = compile_all_err(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: b}\nspec:\n  rules:\n  - when:\n    - key: request.headers[bad header]\n      values: [x]\n",
+    );
+    assert_eq!(bad.field, "spec.rules[0].when[0].key");
+    assert!(
+        bad.problem
+            .contains("\"bad header\" is not a valid HTTP header name")
+    );
+}
+
+fn compile_all_err(yaml: &str) -> ResourceError {
+    let doc = Document::deserialize(serde_yaml::Deserializer::from_str(yaml)).expect("YAML");
+    doc.compile().expect_err("invalid policy")
 }

@@ -89,7 +89,9 @@ pub trait Mesh: Send + Sync + 'static {
     /// rather than refused (STRICT).
     fn accepts_plaintext(&self, destination: SocketAddr) -> bool;
     /// Whether a connection from `source_ip` (proving `source`, if any) may reach
-    /// `destination`.
+    /// `destination`. Where [`Mesh::http_enforced`] holds, only what no request can
+    /// change is decided here (STRICT, CUSTOM, DENY rules without HTTP fields); each
+    /// request is then decided with [`Mesh::authorize_request`].
     fn authorize(
         &self,
         source_ip: IpAddr,

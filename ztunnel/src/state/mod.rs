@@ -11,6 +11,12 @@
 //! again with the same source address, identity and destination, and closes the
 //! connection when the [`Decision`] now denies it, logging the deciding policy.
 //! [`Snapshot::decide`] is the same question without logging, for tools.
+//!
+//! HTTP requests: a destination port whose requests are decided one by one
+//! ([`Snapshot::http_enforced`]) has its connections checked only for what no request
+//! can change, and each request with [`Snapshot::authorize_request`] against the
+//! snapshot current when the request arrives, so a policy edit applies to the next
+//! request.
 
 mod workload;
 
@@ -29,11 +35,13 @@ use tracing::{info, warn};
 
 use crate::identity::Identity;
 use crate::policy::{
-    self, AuthorizationPolicy, Decision, EffectiveMode, Labels, PeerAuthentication, Policy, Target,
-    WorkloadMode,
+    self, AuthorizationPolicy, Decision, EffectiveMode, Labels, PathNormalization,
+    PeerAuthentication, Policy, Target, WorkloadMode,
 };
 
-pub use workload::{Service, ServicePort, Workload};
+pub use workload::{
+    HTTP_PORTS_ANNOTATION, Service, ServicePort, Workload, parse_http_ports, speaks_http,
+};
 
 /// The port a meshed workload's tunnel accepts HBONE on.
 pub const HBONE_PORT: u16 = 15008;
@@ -50,6 +58,57 @@ pub struct Resources {
     pub services: Vec<Service>,
     /// Oldest first: among equal PeerAuthentications the first one wins.
     pub policies: Vec<Policy>,
+    pub l7: L7Settings,
+}
+
+/// Where AuthorizationPolicy rules with HTTP fields are enforced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum L7Authorization {
+    /// By this tunnel, per request, on the HTTP ports of its workloads.
+    #[default]
+    Tunnel,
+    /// By Istio waypoints: this tunnel handles HTTP fields as Istio's ztunnel does
+    /// (an ALLOW rule with them never matches, other rules ignore them).
+    Waypoint,
+}
+
+impl std::fmt::Display for L7Authorization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            L7Authorization::Tunnel => "tunnel",
+            L7Authorization::Waypoint => "waypoint",
+        })
+    }
+}
+
+/// How HTTP requests are authorized.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct L7Settings {
+    pub authorization: L7Authorization,
+    pub path_normalization: PathNormalization,
+}
+
+/// Why a workload port speaks HTTP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase", tag = "source")]
+pub enum HttpPort {
+    /// Listed by the workload itself (config `httpPorts` or the pod annotation).
+    Declared,
+    /// A port of this service (`namespace/name`, service port) targets it.
+    Service { service: String, port: u16 },
+}
+
+impl std::fmt::Display for HttpPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HttpPort::Declared => f.write_str("declared HTTP by the workload"),
+            HttpPort::Service { service, port } => {
+                write!(f, "service {service} port {port} speaks HTTP")
+            }
+        }
+    }
 }
 
 /// Why an outbound destination cannot be resolved.
@@ -117,6 +176,10 @@ pub struct Snapshot {
     /// (config order), computed once per snapshot so a decision only matches rules.
     modes: Vec<WorkloadMode>,
     selected: Vec<Vec<Arc<AuthorizationPolicy>>>,
+    /// For each workload: its ports that speak HTTP, and whether a policy selecting it
+    /// has rules with HTTP fields.
+    http_ports: Vec<BTreeMap<u16, HttpPort>>,
+    http_rules: Vec<bool>,
 }
 
 impl Snapshot {
@@ -176,15 +239,111 @@ impl Snapshot {
         snap.resources = resources;
         for w in &snap.workloads {
             snap.modes.push(snap.workload_mode(w));
-            let selected = snap
+            let selected: Vec<Arc<AuthorizationPolicy>> = snap
                 .authorization_policies
                 .iter()
                 .filter(|p| p.selects(&snap.resources.root_namespace, w.target()))
                 .cloned()
                 .collect();
+            snap.http_rules
+                .push(selected.iter().any(|p| p.has_http_rules()));
             snap.selected.push(selected);
         }
+        snap.http_ports = snap.find_http_ports();
         snap
+    }
+
+    /// Each workload's HTTP ports: the ones it declares; without a declaration, the
+    /// target ports of HTTP service ports that lead to it.
+    fn find_http_ports(&self) -> Vec<BTreeMap<u16, HttpPort>> {
+        let mut ports: Vec<BTreeMap<u16, HttpPort>> = self
+            .workloads
+            .iter()
+            .map(|w| {
+                w.http_ports
+                    .iter()
+                    .flatten()
+                    .map(|p| (*p, HttpPort::Declared))
+                    .collect()
+            })
+            .collect();
+        for (s, eps) in self.resources.services.iter().zip(&self.endpoints) {
+            for &i in eps {
+                if self.workloads[i].http_ports.is_some() {
+                    continue;
+                }
+                for p in s.ports.iter().filter(|p| p.http) {
+                    ports[i]
+                        .entry(p.target_port)
+                        .or_insert_with(|| HttpPort::Service {
+                            service: s.key(),
+                            port: p.port,
+                        });
+                }
+            }
+        }
+        ports
+    }
+
+    /// How HTTP requests are authorized in this snapshot.
+    pub fn l7(&self) -> L7Settings {
+        self.resources.l7
+    }
+
+    /// Why the destination port speaks HTTP, or `None` when it does not.
+    pub fn http_port(&self, dst: SocketAddr) -> Option<&HttpPort> {
+        let &i = self.by_ip.get(&dst.ip())?;
+        self.http_ports[i].get(&dst.port())
+    }
+
+    /// Whether requests to `dst` are decided one by one: the tunnel enforces L7
+    /// authorization, the port speaks HTTP, and a policy selecting the workload has
+    /// rules with HTTP fields.
+    pub fn http_enforced(&self, dst: SocketAddr) -> bool {
+        let Some(&i) = self.by_ip.get(&dst.ip()) else {
+            return false;
+        };
+        self.resources.l7.authorization == L7Authorization::Tunnel
+            && self.http_rules[i]
+            && self.http_ports[i].contains_key(&dst.port())
+    }
+
+    /// What a user should know about how the HTTP rules of the policies selecting a
+    /// workload are enforced on it: with `waypoint`, not at all; on a workload without
+    /// HTTP ports, as at L4.
+    pub fn http_warnings(&self, w: &Workload) -> Vec<String> {
+        let Some(i) = self
+            .by_name
+            .get(&(w.namespace.clone(), w.name.clone()))
+            .copied()
+        else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for p in self.selected[i].iter().filter(|p| p.has_http_rules()) {
+            let handling = if p.action == policy::Action::Allow {
+                "its ALLOW rules with HTTP fields never match"
+            } else {
+                "its rules ignore their HTTP fields"
+            };
+            if self.resources.l7.authorization == L7Authorization::Waypoint {
+                out.push(format!(
+                    "policy {} has HTTP rules but l7Authorization is waypoint: this tunnel does \
+                     not check them on {} ({handling})",
+                    p.reference,
+                    w.key()
+                ));
+            } else if self.http_ports[i].is_empty() {
+                out.push(format!(
+                    "policy {} has HTTP rules but no port of {} speaks HTTP (declare it with \
+                     httpPorts, the {HTTP_PORTS_ANNOTATION} annotation or a service port's \
+                     appProtocol or name): {handling}",
+                    p.reference,
+                    w.key()
+                ));
+            }
+        }
+        out
     }
 
     /// Workloads in `namespace` whose labels include every label of `selector`.
@@ -444,8 +603,81 @@ impl Snapshot {
             src_ip,
             identity,
             dst,
+            request: None,
+        };
+        let mode = self.modes[i].for_port(dst.port());
+        if self.http_enforced(dst) {
+            policy::evaluate_before_requests(mode, &self.selected[i], &conn)
+        } else {
+            policy::evaluate(mode, &self.selected[i], &conn)
+        }
+    }
+
+    /// Decides one HTTP request to a workload address, with its path normalized as
+    /// [`L7Settings::path_normalization`] says. A path that cannot be normalized is
+    /// denied. With `l7Authorization: waypoint` this is the connection's decision.
+    /// Pure, like [`Snapshot::decide`].
+    pub fn decide_request(
+        &self,
+        src_ip: IpAddr,
+        identity: Option<&Identity>,
+        dst: SocketAddr,
+        request: &http::request::Parts,
+    ) -> Decision {
+        let Some(&i) = self.by_ip.get(&dst.ip()) else {
+            return self.decide(src_ip, identity, dst);
+        };
+        if self.resources.l7.authorization == L7Authorization::Waypoint {
+            return self.decide(src_ip, identity, dst);
+        }
+        let target = request
+            .uri
+            .path_and_query()
+            .map_or_else(|| request.uri.path(), |p| p.as_str());
+        let path = match policy::normalize_path(target, self.resources.l7.path_normalization) {
+            Ok(path) => path,
+            Err(e) => {
+                return Decision {
+                    allowed: false,
+                    policy: None,
+                    reason: format!("{} {target}: {e}", request.method),
+                    audit: Vec::new(),
+                    dry_run: Vec::new(),
+                };
+            }
+        };
+        let host = request.uri.authority().map(|a| a.as_str()).or_else(|| {
+            request
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        });
+        let req = policy::Request {
+            method: request.method.as_str(),
+            path: &path,
+            host,
+            headers: &request.headers,
+        };
+        let conn = policy::Connection {
+            src_ip,
+            identity,
+            dst,
+            request: Some(&req),
         };
         policy::evaluate(self.modes[i].for_port(dst.port()), &self.selected[i], &conn)
+    }
+
+    /// [`Snapshot::decide_request`], logging what AUDIT and dry-run policies matched.
+    pub fn authorize_request(
+        &self,
+        src_ip: IpAddr,
+        identity: Option<&Identity>,
+        dst: SocketAddr,
+        request: &http::request::Parts,
+    ) -> Decision {
+        let d = self.decide_request(src_ip, identity, dst, request);
+        log_audit(&d, src_ip, identity, dst);
+        d
     }
 
     /// [`Snapshot::decide`], logging what AUDIT and dry-run policies matched.
@@ -456,21 +688,7 @@ impl Snapshot {
         dst: SocketAddr,
     ) -> Decision {
         let d = self.decide(src_ip, identity, dst);
-        let peer = identity.map(ToString::to_string).unwrap_or_default();
-        for p in &d.audit {
-            info!(policy = %p, src = %src_ip, identity = %peer, %dst, "AUDIT policy matched");
-        }
-        for dr in &d.dry_run {
-            info!(
-                policy = %dr.policy,
-                action = %dr.action,
-                rule = ?dr.rule,
-                src = %src_ip,
-                identity = %peer,
-                %dst,
-                "dry-run policy evaluated (not enforced)"
-            );
-        }
+        log_audit(&d, src_ip, identity, dst);
         d
     }
 
@@ -483,6 +701,28 @@ impl Snapshot {
             .zip(&self.modes)
             .filter(|(w, _)| w.node == self.resources.node)
             .map(|(w, m)| (w.key(), m))
+            .collect();
+        let http: BTreeMap<String, serde_json::Value> = self
+            .workloads
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.node == self.resources.node)
+            .map(|(i, w)| {
+                let enforced: Vec<u16> = if self.resources.l7.authorization
+                    == L7Authorization::Tunnel
+                    && self.http_rules[i]
+                {
+                    self.http_ports[i].keys().copied().collect()
+                } else {
+                    Vec::new()
+                };
+                let value = serde_json::json!({
+                    "httpPorts": self.http_ports[i],
+                    "enforcedPerRequest": enforced,
+                    "warnings": self.http_warnings(w),
+                });
+                (w.key(), value)
+            })
             .collect();
         let services: Vec<serde_json::Value> = self
             .resources
@@ -503,7 +743,28 @@ impl Snapshot {
             "services": services,
             "policies": self.resources.policies,
             "mtlsModes": modes,
+            "l7Authorization": self.resources.l7,
+            "http": http,
         })
+    }
+}
+
+/// Logs what AUDIT and dry-run policies matched in a decision.
+fn log_audit(d: &Decision, src_ip: IpAddr, identity: Option<&Identity>, dst: SocketAddr) {
+    let peer = identity.map(ToString::to_string).unwrap_or_default();
+    for p in &d.audit {
+        info!(policy = %p, src = %src_ip, identity = %peer, %dst, "AUDIT policy matched");
+    }
+    for dr in &d.dry_run {
+        info!(
+            policy = %dr.policy,
+            action = %dr.action,
+            rule = ?dr.rule,
+            src = %src_ip,
+            identity = %peer,
+            %dst,
+            "dry-run policy evaluated (not enforced)"
+        );
     }
 }
 
@@ -564,6 +825,11 @@ impl State {
             }
         }
         let snap = Arc::new(Snapshot::new(generation, resources));
+        for w in snap.local_workloads() {
+            for warning in snap.http_warnings(w) {
+                warn!(workload = %w.key(), "{warning}");
+            }
+        }
         self.shared.current.store(snap.clone());
         self.shared.changed.send_replace(generation);
         info!(

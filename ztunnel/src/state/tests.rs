@@ -15,6 +15,7 @@ fn workload(ns: &str, name: &str, sa: &str, app: &str, ip: &str, node: &str) -> 
         meshed: true,
         healthy: true,
         netns: None,
+        http_ports: None,
     }
 }
 
@@ -96,6 +97,7 @@ fn resources(policy_yaml: &str) -> Resources {
                 ports: vec![ServicePort {
                     port: 80,
                     target_port: 9090,
+                    http: false,
                 }],
                 selector: [("app".to_string(), "payments".to_string())].into(),
                 subject_alt_names: vec![],
@@ -107,12 +109,14 @@ fn resources(policy_yaml: &str) -> Resources {
                 ports: vec![ServicePort {
                     port: 80,
                     target_port: 80,
+                    http: false,
                 }],
                 selector: [("app".to_string(), "nothing".to_string())].into(),
                 subject_alt_names: vec![],
             },
         ],
         policies: policies(policy_yaml),
+        l7: L7Settings::default(),
     }
 }
 
@@ -289,4 +293,235 @@ fn service_upstreams_lists_every_healthy_endpoint_in_order() {
     assert_eq!(addrs, ["10.0.1.10:9090", "10.0.1.11:9090"]);
     assert!(s.service_upstreams(sa("10.0.1.10:9090")).unwrap().is_none());
     assert!(s.service_upstreams(sa("10.96.0.11:80")).is_err());
+}
+
+const PAYMENTS_ALLOW_CHARGE: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: payments-allow, namespace: finance}
+spec:
+  selector: {matchLabels: {app: payments}}
+  rules:
+  - from:
+    - source: {principals: ["cluster.local/ns/prod/sa/orders"]}
+    to:
+    - operation: {methods: ["POST"], paths: ["/charge"]}
+"#;
+
+/// The test resources with the payments service port 80 speaking HTTP (by its name).
+fn http_resources(policy_yaml: &str) -> Resources {
+    let mut r = resources(policy_yaml);
+    r.services[0].ports[0].http = true;
+    r
+}
+
+fn parts(method: &str, target: &str) -> http::request::Parts {
+    http::Request::builder()
+        .method(method)
+        .uri(target)
+        .header("host", "payments.finance:80")
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0
+}
+
+#[test]
+fn service_port_names_and_app_protocols_say_http_as_istio_reads_them() {
+    let http = [
+        (Some("http"), None),
+        (Some("http-web"), None),
+        (Some("HTTP2-api"), None),
+        (Some("grpc"), None),
+        (Some("grpc-payments"), None),
+        (Some("grpc-web-ui"), None),
+        (None, Some("http")),
+        (None, Some("http2")),
+        (None, Some("h2c")),
+        (None, Some("kubernetes.io/h2c")),
+        (None, Some("grpc")),
+        (None, Some("grpc-web")),
+        (Some("tcp"), Some("HTTP")),
+    ];
+    for (name, app) in http {
+        assert!(speaks_http(name, app), "{name:?} {app:?}");
+    }
+    let not_http = [
+        (None, None),
+        (Some("web"), None),
+        (Some("https"), None),
+        (Some("httpx"), None),
+        (Some("tcp-http"), None),
+        (Some("grpcweb"), None),
+        (Some("http"), Some("tcp")),
+        (None, Some("https")),
+        (None, Some("kubernetes.io/ws")),
+    ];
+    for (name, app) in not_http {
+        assert!(!speaks_http(name, app), "{name:?} {app:?}");
+    }
+    assert_eq!(parse_http_ports("8080, 9090,"), Ok(vec![8080, 9090]));
+    assert_eq!(parse_http_ports(""), Ok(vec![]));
+    assert!(parse_http_ports("80,x").unwrap_err().contains("\"x\""));
+    assert!(parse_http_ports("0").is_err());
+}
+
+#[test]
+fn a_workload_declaration_overrides_its_services_ports() {
+    let snap = Snapshot::new(1, http_resources(PAYMENTS_ALLOW_CHARGE));
+    assert_eq!(
+        snap.http_port(sa("10.0.1.10:9090")),
+        Some(&HttpPort::Service {
+            service: "finance/payments".to_string(),
+            port: 80
+        })
+    );
+    assert_eq!(snap.http_port(sa("10.0.1.10:8080")), None);
+    assert!(snap.http_enforced(sa("10.0.1.10:9090")));
+    assert!(!snap.http_enforced(sa("10.0.1.10:8080")));
+    // Orders has no HTTP port and no policy with HTTP rules.
+    assert!(!snap.http_enforced(sa("10.0.2.4:9090")));
+
+    let mut r = http_resources(PAYMENTS_ALLOW_CHARGE);
+    r.workloads[0].http_ports = Some(vec![8080]);
+    let snap = Snapshot::new(1, r);
+    assert_eq!(
+        snap.http_port(sa("10.0.1.10:8080")),
+        Some(&HttpPort::Declared)
+    );
+    assert_eq!(snap.http_port(sa("10.0.1.10:9090")), None);
+    assert!(snap.http_enforced(sa("10.0.1.10:8080")));
+    assert!(!snap.http_enforced(sa("10.0.1.10:9090")));
+    // An empty declaration declares no HTTP port at all.
+    let mut r = http_resources(PAYMENTS_ALLOW_CHARGE);
+    r.workloads[0].http_ports = Some(vec![]);
+    assert!(!Snapshot::new(1, r).http_enforced(sa("10.0.1.10:9090")));
+}
+
+#[test]
+fn requests_are_decided_one_by_one_on_enforced_ports() {
+    let snap = Snapshot::new(
+        1,
+        http_resources(&[STRICT_PAYMENTS, PAYMENTS_ALLOW_CHARGE].join("---\n")),
+    );
+    let orders = Identity::new("cluster.local", "prod", "orders").unwrap();
+    let inventory = Identity::new("cluster.local", "prod", "inventory").unwrap();
+    let src = "10.0.2.4".parse().unwrap();
+    let dst = sa("10.0.1.10:9090");
+    // The connection of inventory is not refused: each request is decided.
+    assert!(snap.decide(src, Some(&inventory), dst).allowed);
+    // STRICT still refuses plaintext before any request.
+    assert!(!snap.decide(src, None, dst).allowed);
+
+    let d = snap.decide_request(src, Some(&orders), dst, &parts("POST", "/charge"));
+    assert!(d.allowed, "{d:?}");
+    assert_eq!(d.policy.unwrap().to_string(), "finance/payments-allow");
+    let d = snap.decide_request(src, Some(&orders), dst, &parts("GET", "/charge"));
+    assert!(!d.allowed);
+    assert!(
+        d.reason
+            .contains("rule 0: to: methods [POST] do not include GET"),
+        "{}",
+        d.reason
+    );
+    let d = snap.decide_request(src, Some(&orders), dst, &parts("POST", "/x/../refund"));
+    assert!(d.reason.contains("paths [/charge] do not include /refund"));
+    let d = snap.decide_request(src, Some(&inventory), dst, &parts("POST", "/charge"));
+    assert!(!d.allowed);
+    // HTTP/2 requests carry an absolute URI.
+    let d = snap.decide_request(
+        src,
+        Some(&orders),
+        dst,
+        &parts("POST", "http://payments.finance/charge?x=1"),
+    );
+    assert!(d.allowed, "{d:?}");
+    // A path that cannot be normalized is denied, naming it.
+    let d = snap.decide_request(src, Some(&orders), dst, &parts("POST", "/charge%00"));
+    assert!(!d.allowed);
+    assert!(d.reason.contains("\"/charge%00\""), "{}", d.reason);
+    assert!(d.reason.contains("%00"));
+}
+
+#[test]
+fn waypoint_mode_keeps_istio_ztunnel_semantics() {
+    let mut r = http_resources(PAYMENTS_ALLOW_CHARGE);
+    r.l7.authorization = L7Authorization::Waypoint;
+    let snap = Snapshot::new(1, r);
+    let orders = Identity::new("cluster.local", "prod", "orders").unwrap();
+    let src = "10.0.2.4".parse().unwrap();
+    let dst = sa("10.0.1.10:9090");
+    assert!(!snap.http_enforced(dst));
+    // The ALLOW rule with HTTP fields never matches, for the connection and requests.
+    let d = snap.decide(src, Some(&orders), dst);
+    assert!(!d.allowed);
+    assert!(
+        d.reason.contains("not checked on this port"),
+        "{}",
+        d.reason
+    );
+    let d = snap.decide_request(src, Some(&orders), dst, &parts("POST", "/charge"));
+    assert!(!d.allowed);
+    let w = snap.http_warnings(&snap.workloads()[0]);
+    assert!(w[0].contains("l7Authorization is waypoint"), "{w:?}");
+}
+
+#[test]
+fn a_policy_edit_changes_the_next_request() {
+    let state = State::new();
+    state.publish(http_resources(ONLY_ORDERS));
+    let orders = Identity::new("cluster.local", "prod", "orders").unwrap();
+    let src = "10.0.2.4".parse().unwrap();
+    let dst = sa("10.0.1.10:9090");
+    let charge = parts("GET", "/charge");
+    assert!(!state.load().http_enforced(dst));
+    assert!(
+        state
+            .load()
+            .authorize_request(src, Some(&orders), dst, &charge)
+            .allowed
+    );
+    state.publish(http_resources(PAYMENTS_ALLOW_CHARGE));
+    assert!(state.load().http_enforced(dst));
+    assert!(
+        !state
+            .load()
+            .authorize_request(src, Some(&orders), dst, &charge)
+            .allowed
+    );
+    state.publish(http_resources(ONLY_ORDERS));
+    assert!(!state.load().http_enforced(dst));
+    assert!(
+        state
+            .load()
+            .authorize_request(src, Some(&orders), dst, &charge)
+            .allowed
+    );
+}
+
+#[test]
+fn dump_and_warnings_tell_where_http_rules_are_enforced() {
+    let snap = Snapshot::new(1, http_resources(PAYMENTS_ALLOW_CHARGE));
+    let dump = snap.dump();
+    assert_eq!(dump["l7Authorization"]["authorization"], "tunnel");
+    assert_eq!(
+        dump["l7Authorization"]["pathNormalization"],
+        "DECODE_AND_MERGE_SLASHES"
+    );
+    let payments = &dump["http"]["finance/payments-0"];
+    assert_eq!(payments["httpPorts"]["9090"]["service"], "finance/payments");
+    assert_eq!(payments["enforcedPerRequest"], serde_json::json!([9090]));
+    assert!(snap.http_warnings(&snap.workloads()[0]).is_empty());
+    // Without an HTTP port, the HTTP rules are handled as at L4, with a warning.
+    let snap = Snapshot::new(1, resources(PAYMENTS_ALLOW_CHARGE));
+    let w = snap.http_warnings(&snap.workloads()[0]);
+    assert!(
+        w[0].contains("no port of finance/payments-0 speaks HTTP"),
+        "{w:?}"
+    );
+    assert!(w[0].contains("never match"));
+    assert_eq!(
+        snap.dump()["http"]["finance/payments-0"]["warnings"][0],
+        w[0].as_str()
+    );
 }
