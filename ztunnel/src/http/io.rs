@@ -121,6 +121,15 @@ impl AsyncWrite for StreamIo {
     }
 }
 
+impl Drop for StreamIo {
+    /// Ends the stream rather than resetting it: what hyper wrote last (an error
+    /// answer before it closed the connection) still reaches the client.
+    fn drop(&mut self) {
+        // Already ended or reset: nothing to do.
+        let _ = self.send.send_data(Bytes::new(), true);
+    }
+}
+
 /// Bytes one connection moved: read from the client, written to it.
 #[derive(Debug, Default)]
 pub struct ByteCounts {

@@ -117,8 +117,7 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
         .max_buf_size(config.max_header_bytes.max(8192))
-        .keep_alive(true)
-        .pipeline_flush(true);
+        .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())

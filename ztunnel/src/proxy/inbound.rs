@@ -117,12 +117,6 @@ impl Proxy {
                 error,
             );
         }
-        if inner.mesh.http_enforced(target) {
-            let endpoints = endpoints(&incoming, &peer_identity, target, &workload);
-            return self
-                .inbound_http_hbone(incoming, endpoints, workload, peer_identity)
-                .await;
-        }
         if let Verdict::Deny { policy, reason } =
             inner
                 .mesh
@@ -135,6 +129,14 @@ impl Proxy {
                 RefusedReason::Denied,
                 error,
             );
+        }
+        // Each request is decided on its own; only what no request can change was
+        // decided above.
+        if inner.mesh.http_enforced(target) {
+            let endpoints = endpoints(&incoming, &peer_identity, target, &workload);
+            return self
+                .inbound_http_hbone(incoming, endpoints, workload, peer_identity)
+                .await;
         }
         let upstream = match inner
             .sockets

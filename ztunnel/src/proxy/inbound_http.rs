@@ -103,13 +103,24 @@ impl Proxy {
     {
         let counts = Arc::new(ByteCounts::default());
         let io = Metered::new(io, counts.clone());
-        let result = http::serve(io, session, self.inner.drain.stop.clone()).await;
+        let (source_ip, source, destination) = (
+            session.source_ip,
+            session.source.clone(),
+            session.destination,
+        );
+        let served = http::serve(io, session, self.inner.drain.stop.clone());
+        // What no request can change is decided again after a policy change, as for
+        // copied connections; requests are decided one by one anyway.
+        let result = tokio::select! {
+            result = served => result.map_err(|e| e.to_string()),
+            denied = self.revoked(source_ip, source.as_ref(), destination) => Err(denied.to_string()),
+        };
         record
             .received
             .add(counts.received.load(Ordering::Relaxed) as usize);
         record
             .sent
             .add(counts.sent.load(Ordering::Relaxed) as usize);
-        record.close(result.map_err(|e| e.to_string()));
+        record.close(result);
     }
 }

@@ -64,15 +64,15 @@ impl Proxy {
         if !inner.mesh.accepts_plaintext(destination) {
             return refuse(RefusedReason::StrictPlaintext, Error::Strict(destination));
         }
-        if inner.mesh.http_enforced(destination) {
-            return self
-                .inbound_http_plaintext(tcp, client, destination, workload)
-                .await;
-        }
         if let Verdict::Deny { policy, reason } =
             inner.mesh.authorize(client.ip(), None, destination)
         {
             return refuse(RefusedReason::Denied, Error::Denied { policy, reason });
+        }
+        if inner.mesh.http_enforced(destination) {
+            return self
+                .inbound_http_plaintext(tcp, client, destination, workload)
+                .await;
         }
         // From inside the workload's namespace, as over HBONE: the application's address
         // exists only there.

@@ -155,7 +155,7 @@ impl Metrics {
             metrics.refused.clone(),
         );
         registry.register(
-            "istio_requests_total",
+            "istio_requests",
             "HTTP requests served on ports enforced per request",
             metrics.requests.clone(),
         );
