@@ -10,6 +10,7 @@ pub mod config;
 pub mod discovery;
 pub mod file_watch;
 pub mod hbone;
+pub mod http;
 pub mod identity;
 pub mod kube;
 pub mod netns;

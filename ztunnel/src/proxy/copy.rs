@@ -64,7 +64,7 @@ impl Meter {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    fn add(&self, n: usize) {
+    pub(crate) fn add(&self, n: usize) {
         self.bytes.fetch_add(n as u64, Ordering::Relaxed);
         self.metric.inc_by(n as u64);
     }

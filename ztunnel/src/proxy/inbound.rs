@@ -130,6 +130,14 @@ impl Proxy {
                 error,
             );
         }
+        // Each request is decided on its own; only what no request can change was
+        // decided above.
+        if inner.mesh.http_enforced(target) {
+            let endpoints = self.endpoints(&incoming, &peer_identity, target, &workload);
+            return self
+                .inbound_http_hbone(incoming, endpoints, workload, peer_identity)
+                .await;
+        }
         let upstream = match inner
             .sockets
             .within(workload.netns.as_ref())
@@ -150,24 +158,7 @@ impl Proxy {
                 );
             }
         };
-        let source = telemetry::inbound_source(
-            inner.mesh.as_ref(),
-            &inner.config.trusted_proxies,
-            incoming.peer,
-            &peer_identity,
-            &incoming.headers,
-        );
-        let endpoints = Endpoints {
-            source: source.addr,
-            source_identity: Some(peer_identity.clone()),
-            source_workload: source.workload,
-            source_workload_ip: source.workload_ip,
-            destination: target,
-            destination_identity: Some(workload.identity.clone()),
-            destination_workload: Some((workload.name.clone(), workload.namespace.clone())),
-            destination_workload_ip: Some(local.ip()),
-            traceparent: incoming.headers.traceparent.clone(),
-        };
+        let endpoints = self.endpoints(&incoming, &peer_identity, target, &workload);
         let record = ConnectionRecord::open(
             &inner.metrics,
             Reporter::Destination,
@@ -212,5 +203,39 @@ impl Proxy {
             }
         }
         std::future::pending().await
+    }
+}
+
+/// The two ends of an accepted HBONE stream, for its metrics and access log.
+/// The endpoints of an inbound HBONE stream as metrics and logs name them: the
+/// source as the tunnel knows it (`telemetry::inbound_source`), the destination
+/// workload this connection arrived for.
+impl Proxy {
+    fn endpoints(
+        &self,
+        incoming: &Incoming,
+        peer_identity: &Identity,
+        target: SocketAddr,
+        workload: &LocalWorkload,
+    ) -> Endpoints {
+        let inner = &self.inner;
+        let source = telemetry::inbound_source(
+            inner.mesh.as_ref(),
+            &inner.config.trusted_proxies,
+            incoming.peer,
+            peer_identity,
+            &incoming.headers,
+        );
+        Endpoints {
+            source: source.addr,
+            source_identity: Some(peer_identity.clone()),
+            source_workload: source.workload,
+            source_workload_ip: source.workload_ip,
+            destination: target,
+            destination_identity: Some(workload.identity.clone()),
+            destination_workload: Some((workload.name.clone(), workload.namespace.clone())),
+            destination_workload_ip: Some(target.ip()),
+            traceparent: incoming.headers.traceparent.clone(),
+        }
     }
 }

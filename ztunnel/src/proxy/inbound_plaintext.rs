@@ -69,6 +69,11 @@ impl Proxy {
         {
             return refuse(RefusedReason::Denied, Error::Denied { policy, reason });
         }
+        if inner.mesh.http_enforced(destination) {
+            return self
+                .inbound_http_plaintext(tcp, client, destination, workload)
+                .await;
+        }
         // From inside the workload's namespace, as over HBONE: the application's address
         // exists only there.
         let upstream = match inner

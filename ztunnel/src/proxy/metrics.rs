@@ -1,4 +1,4 @@
-//! Istio's TCP metrics and the per-connection access log.
+//! Istio's TCP and HTTP metrics, the per-connection and per-request access logs.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -11,7 +11,9 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use tracing::info;
 
 use super::Mesh;
 use super::copy::Meter;
@@ -61,6 +63,12 @@ pub enum RefusedReason {
     NoWorkload,
     Route,
     Socks,
+    /// An HTTP request denied by policy on a port enforced per request.
+    RequestDenied,
+    /// Malformed HTTP (answered 400 or 431): it never reached the application.
+    MalformedHttp,
+    /// A client too slow to send its request headers.
+    HeaderTimeout,
 }
 
 /// Label values as Istio (and Prometheus convention) spell them.
@@ -90,6 +98,9 @@ label_values! {
         NoWorkload => "no_workload",
         Route => "route",
         Socks => "socks",
+        RequestDenied => "request_denied",
+        MalformedHttp => "malformed_http",
+        HeaderTimeout => "header_timeout",
     }
 }
 
@@ -137,10 +148,11 @@ struct SeriesTable {
     dropped: Counter,
 }
 
-/// The proxy's metrics, registered once at startup.
+/// The proxy's metrics, registered once at startup; clones share them.
+#[derive(Clone)]
 pub struct Metrics {
     mesh: Arc<dyn Mesh>,
-    table: SeriesTable,
+    table: Arc<SeriesTable>,
     opened: Family<ConnectionLabels, Counter>,
     closed: Family<ConnectionLabels, Counter>,
     sent: Family<ConnectionLabels, Counter>,
@@ -148,6 +160,8 @@ pub struct Metrics {
     refused: Family<RefusedLabels, Counter>,
     /// Connections opened and not yet closed: the sum of opened minus closed, always.
     open: Gauge,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
 }
 
 impl Metrics {
@@ -156,18 +170,20 @@ impl Metrics {
     pub fn new(registry: &mut Registry, mesh: Arc<dyn Mesh>, max_series: usize) -> Self {
         let metrics = Metrics {
             mesh,
-            table: SeriesTable {
+            table: Arc::new(SeriesTable {
                 series: Mutex::default(),
                 max: max_series,
                 swept: AtomicU64::new(0),
                 dropped: Counter::default(),
-            },
+            }),
             opened: Family::default(),
             closed: Family::default(),
             sent: Family::default(),
             received: Family::default(),
             refused: Family::default(),
             open: Gauge::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram),
         };
         let tcp = [
             (
@@ -208,6 +224,16 @@ impl Metrics {
             "ztunnel_tcp_connections_open",
             "Connections opened and not yet closed",
             metrics.open.clone(),
+        );
+        registry.register(
+            "istio_requests",
+            "HTTP requests served on ports enforced per request",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Time from a request's arrival to the end of its response, in milliseconds",
+            metrics.request_duration.clone(),
         );
         metrics
     }
@@ -394,6 +420,15 @@ impl<'m> ConnectionRecord<'m> {
         }
     }
 
+    /// Counts and logs this connection's HTTP requests.
+    pub fn requests(&self) -> RequestMeter {
+        RequestMeter {
+            metrics: self.metrics.clone(),
+            labels: self.labels.clone(),
+            endpoints: self.endpoints.clone(),
+        }
+    }
+
     /// Counts the connection closed and writes its access-log event, with the field
     /// names of Istio's ztunnel (`src.addr`, `src.workload`, ..., `bytes_sent`,
     /// `bytes_recv`, `duration`, `error`). Bytes are counted from the reporting
@@ -458,3 +493,106 @@ impl Drop for ConnectionRecord<'_> {
 
 /// The result of a connection whose task ended before it could close it.
 pub const ABORTED: &str = "aborted";
+
+/// Istio's default buckets of `istio_request_duration_milliseconds`.
+const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS_MS)
+}
+
+/// Istio's `request_protocol`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum RequestProtocol {
+    Http,
+    Grpc,
+}
+
+label_values! {
+    RequestProtocol { Http => "http", Grpc => "grpc" }
+}
+
+/// Istio's labels of `istio_requests_total` and `istio_request_duration_milliseconds`:
+/// the connection's, and those of the request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub connection: ConnectionLabels,
+    pub request_protocol: RequestProtocol,
+    pub response_code: u16,
+    /// The `grpc-status` of a gRPC response, `-` for other requests.
+    pub grpc_response_status: String,
+    /// Envoy's response flags: `-` none, `UF` upstream connect failure, `UC` upstream
+    /// connection ended, `DPE` downstream protocol error.
+    pub response_flags: &'static str,
+}
+
+/// One answered HTTP request, as the metrics and the access log describe it.
+#[derive(Debug)]
+pub struct RequestEvent<'a> {
+    pub method: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub protocol: RequestProtocol,
+    pub status: u16,
+    pub grpc_status: Option<&'a str>,
+    pub flags: &'static str,
+    pub start: Instant,
+    /// The policy that decided, when one did.
+    pub policy: Option<&'a str>,
+    /// Why it was denied, when it was.
+    pub denial: Option<&'a str>,
+}
+
+/// The HTTP requests of one connection: counted with the connection's labels and
+/// logged with its endpoints. Owned, for the request handlers.
+#[derive(Clone)]
+pub struct RequestMeter {
+    metrics: Metrics,
+    labels: ConnectionLabels,
+    endpoints: Endpoints,
+}
+
+impl RequestMeter {
+    /// Counts one request and writes its access-log event.
+    pub fn request(&self, event: RequestEvent<'_>) {
+        let elapsed = event.start.elapsed();
+        let labels = RequestLabels {
+            connection: self.labels.clone(),
+            request_protocol: event.protocol,
+            response_code: event.status,
+            grpc_response_status: event.grpc_status.unwrap_or("-").to_owned(),
+            response_flags: event.flags,
+        };
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics
+            .request_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64() * 1000.0);
+        let e = &self.endpoints;
+        let id = |i: &Option<Identity>| i.as_ref().map(|i| i.to_string());
+        info!(
+            target: "access",
+            reporter = ?self.labels.reporter,
+            src.addr = %e.source,
+            src.identity = id(&e.source_identity),
+            dst.addr = %e.destination,
+            dst.identity = id(&e.destination_identity),
+            traceparent = e.traceparent.as_deref(),
+            method = event.method,
+            authority = event.authority,
+            path = event.path,
+            protocol = ?event.protocol,
+            status = event.status,
+            grpc_status = event.grpc_status,
+            response_flags = event.flags,
+            duration_us = elapsed.as_micros() as u64,
+            policy = event.policy,
+            denial = event.denial,
+            "request"
+        );
+    }
+}

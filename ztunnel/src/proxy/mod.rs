@@ -7,6 +7,7 @@
 
 pub mod copy;
 mod inbound;
+mod inbound_http;
 mod inbound_plaintext;
 pub mod metrics;
 mod outbound;
@@ -161,6 +162,8 @@ pub struct Config {
     /// Peer identities whose `forwarded` header is logged as the source address even
     /// when it is not the peer's own address (gateways, waypoints).
     pub trusted_proxies: Vec<Identity>,
+    /// The HTTP server of destinations enforced per request.
+    pub http: crate::http::Config,
 }
 
 impl Default for Config {
@@ -173,6 +176,7 @@ impl Default for Config {
             socks5_timeout: Duration::from_secs(10),
             max_metric_series: DEFAULT_MAX_METRIC_SERIES,
             trusted_proxies: Vec::new(),
+            http: crate::http::Config::default(),
         }
     }
 }
