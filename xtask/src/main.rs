@@ -2,10 +2,12 @@
 //!
 //! `setup` installs what a fresh machine of this image lacks; `test` runs setup when
 //! needed and then every test of the workspace, privileged ones included; `demo` and
-//! `bench` run a two-node mesh of network namespaces on this machine; `build-ebpf`
+//! `bench` and `soak` run a two-node mesh of network namespaces on this machine; `fuzz` runs the
+//! fuzz targets of `ztunnel/fuzz`; `build-ebpf`
 //! and `lint-ebpf` build and lint the eBPF programs (ebpf/programs, a workspace of its
 //! own that host builds cannot compile).
 
+mod fuzz;
 mod setup;
 
 use std::process::Command;
@@ -30,11 +32,32 @@ enum Task {
     /// Lint the eBPF programs with clippy (warnings are errors).
     LintEbpf,
     /// Run setup when needed, lint the eBPF programs, then every test of the workspace
-    /// (root-only tests included).
+    /// (root-only tests included), then every fuzz target for a few seconds.
     Test {
         /// Extra arguments passed to `cargo test` (after `--` for test filters).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run setup when needed, then connection churn, bulk and idle connections and
+    /// policy edits through two eBPF-steered tunnels for `--minutes`, checking memory,
+    /// descriptors and connection counts; then memory per idle connection (root).
+    Soak {
+        /// How long the churn runs.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        /// Idle connections opened at the end to measure memory per connection.
+        #[arg(long, default_value_t = 10_000)]
+        idle: usize,
+    },
+    /// Run setup when needed, then the fuzz targets (cargo-fuzz, nightly) one after the
+    /// other, each for `--seconds`, and print runs, corpus size and crashes per target.
+    /// Fails on a crash.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (default: all).
+        target: Option<String>,
     },
     /// Run setup when needed, then a two-node, four-pod mesh on this machine, told step
     /// by step (root). Removes everything it made.
@@ -63,6 +86,20 @@ fn main() -> Result<()> {
             ztunnel_ebpf_build::clippy(&ztunnel_ebpf_build::programs_dir().join("target"))
         }
         Task::Test { args } => test(&args),
+        Task::Soak { minutes, idle } => {
+            setup::run()?;
+            let args = [
+                "--minutes".to_string(),
+                minutes.to_string(),
+                "--idle".to_string(),
+                idle.to_string(),
+            ];
+            run_in_mesh(&[], "ztunnel-soak", &args)
+        }
+        Task::Fuzz { seconds, target } => {
+            setup::run()?;
+            fuzz::fuzz(seconds, target.as_deref())
+        }
         Task::Demo => {
             setup::run()?;
             run_in_mesh(&[], "ztunnel-demo", &[])
@@ -111,8 +148,13 @@ fn test(args: &[String]) -> Result<()> {
     cmd.current_dir(workspace_root())
         .args(["test", "--workspace", "--locked"])
         .args(args);
-    run(&mut cmd)
+    run(&mut cmd)?;
+    fuzz::fuzz(TEST_FUZZ_SECONDS, None)
 }
+
+/// How long `cargo xtask test` runs each fuzz target: long enough to replay the seeds
+/// and the corpus kept from earlier runs and to try some new inputs.
+const TEST_FUZZ_SECONDS: u64 = 5;
 
 /// The cargo that runs this task, so the same toolchain builds everything.
 pub(crate) fn cargo() -> String {

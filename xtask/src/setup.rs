@@ -1,7 +1,7 @@
 //! Installs what a fresh machine of this image lacks, and skips what is already there.
 //! The facts behind each step are in shared/TOOLCHAIN.md: nightly needs `rust-src` for
 //! `-Z build-std` (and clippy to lint the eBPF programs), and bpf-linker must be built
-//! against LLVM 22 (nightly's LLVM major).
+//! against LLVM 22 (nightly's LLVM major). cargo-fuzz runs the fuzz targets.
 
 use std::process::{Command, Stdio};
 
@@ -26,7 +26,24 @@ const DEBIAN_PACKAGES: &[&str] = &[
 pub fn run() -> Result<()> {
     install_nightly_components()?;
     install_debian_packages()?;
-    install_bpf_linker()
+    install_bpf_linker()?;
+    install_cargo_fuzz()
+}
+
+/// cargo-fuzz, which builds and runs the fuzz targets (`cargo xtask fuzz`).
+fn install_cargo_fuzz() -> Result<()> {
+    let installed = Command::new(crate::cargo())
+        .args(["fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz (about 2 minutes)");
+    run_command(Command::new(crate::cargo()).args(["install", "cargo-fuzz", "--locked"]))
 }
 
 /// Nightly components: `rust-src` for `-Z build-std`, clippy to lint the eBPF programs.

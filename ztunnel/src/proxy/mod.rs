@@ -11,7 +11,7 @@ mod inbound_plaintext;
 pub mod metrics;
 mod outbound;
 mod socket;
-mod socks5;
+pub(crate) mod socks5;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
