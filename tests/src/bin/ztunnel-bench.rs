@@ -9,13 +9,14 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use ztunnel_tests::load::{self, EchoProcess, wait_listening};
 use ztunnel_tests::{Cluster, Mesh, Pod, PodSpec};
 
 const ECHO_PORT: u16 = 7000;
@@ -32,14 +33,6 @@ struct Args {
     /// Also write the figures as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
-    /// Internal: serve echo in the network namespace at this path until stdin closes
-    /// (the server end of the open connections lives in its own process, so neither
-    /// end needs more descriptors than the machine's limit).
-    #[arg(long, hide = true, value_name = "NETNS", requires = "at")]
-    serve_echo: Option<PathBuf>,
-    /// Internal: the addresses `--serve-echo` listens on.
-    #[arg(long, hide = true, value_name = "ADDR")]
-    at: Vec<SocketAddr>,
 }
 
 /// One path through the topology: a client pod and a server pod.
@@ -55,14 +48,11 @@ impl Path<'_> {
 }
 
 fn main() -> Result<()> {
-    let args: Args = clap::Parser::parse();
-    ztunnel_tests::require_root();
-    if let Some(netns) = args.serve_echo {
-        let _echo = EchoServer::start(ztunnel::netns::Netns::open(netns)?, args.at)?;
-        // Serve until the parent closes our stdin.
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    if load::serve_echo_if_asked()? {
         return Ok(());
     }
+    let args: Args = clap::Parser::parse();
+    ztunnel_tests::require_root();
     let runtime = tokio::runtime::Runtime::new()?;
     let cluster = Cluster::builder().nodes(2).pods_per_node(2).build()?;
     let specs = vec![
@@ -85,8 +75,8 @@ fn main() -> Result<()> {
         server: cluster.pod(1, 1),
     };
     let _echo = [
-        EchoProcess::start(meshed.server)?,
-        EchoProcess::start(direct.server)?,
+        EchoProcess::start(meshed.server, ECHO_PORT)?,
+        EchoProcess::start(direct.server, ECHO_PORT)?,
     ];
 
     let mut figures = BTreeMap::new();
@@ -164,21 +154,6 @@ fn iperf(path: &Path, streams: usize) -> Result<(f64, f64)> {
     }
 }
 
-/// Waits until a server listens on the pod's address and `port`, probing from inside
-/// the pod (a pod's connection to itself is never steered).
-fn wait_listening(pod: &Pod, port: u16) -> Result<()> {
-    let netns = pod.netns()?;
-    let address = SocketAddr::new(pod.ip().into(), port);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while netns.run(move || TcpStream::connect(address))?.is_err() {
-        if Instant::now() > deadline {
-            bail!("nothing listens on {address} after 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
 /// 64-byte request, 64-byte answer, over one connection: p50 and p99 in microseconds.
 fn ping_pong(path: &Path) -> Result<(f64, f64)> {
     let mut tcp = connect(path.client, path.target(ECHO_PORT))?;
@@ -253,6 +228,15 @@ fn open_connections(path: &Path) -> Result<Vec<TcpStream>> {
     Ok(open)
 }
 
+/// The larger resident set of the tunnels, in MB.
+fn rss_mb(pids: &[u32]) -> Result<f64> {
+    let mut largest = 0u64;
+    for &pid in pids {
+        largest = largest.max(load::rss_kb(pid)?);
+    }
+    Ok(largest as f64 / 1024.0)
+}
+
 fn connect(pod: &Pod, target: SocketAddr) -> Result<TcpStream> {
     let tcp = pod.netns()?.run(move || TcpStream::connect(target))??;
     tcp.set_nodelay(true)?;
@@ -283,101 +267,6 @@ fn clock_ticks_per_second() -> Result<u64> {
         .arg("CLK_TCK")
         .output()?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
-}
-
-/// The larger resident set of the tunnels, in MB.
-fn rss_mb(pids: &[u32]) -> Result<f64> {
-    let mut largest = 0f64;
-    for pid in pids {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let kb: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmRSS")?;
-        largest = largest.max(kb / 1024.0);
-    }
-    Ok(largest)
-}
-
-/// This program again, serving echo on every address of a pod; stopped on drop.
-struct EchoProcess(std::process::Child);
-
-impl EchoProcess {
-    fn start(pod: &Pod) -> Result<EchoProcess> {
-        let mut cmd = std::process::Command::new(std::env::current_exe()?);
-        cmd.arg("--serve-echo").arg(pod.netns_path());
-        for ip in pod.ips() {
-            cmd.arg("--at")
-                .arg(SocketAddr::new(ip, ECHO_PORT).to_string());
-        }
-        let child = cmd
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .context("cannot start the echo server")?;
-        let process = EchoProcess(child);
-        wait_listening(pod, ECHO_PORT)?;
-        Ok(process)
-    }
-}
-
-impl Drop for EchoProcess {
-    fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        let _ = self.0.wait();
-    }
-}
-
-/// An echo server, a thread per connection.
-struct EchoServer {
-    stop: Arc<AtomicBool>,
-    addresses: Vec<SocketAddr>,
-    netns: ztunnel::netns::Netns,
-}
-
-impl EchoServer {
-    fn start(netns: ztunnel::netns::Netns, addresses: Vec<SocketAddr>) -> Result<EchoServer> {
-        let stop = Arc::new(AtomicBool::new(false));
-        for &address in &addresses {
-            let listener = netns.run(move || TcpListener::bind(address))??;
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                for tcp in listener.incoming() {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let Ok(mut tcp) = tcp else { continue };
-                    let _ = tcp.set_nodelay(true);
-                    std::thread::Builder::new()
-                        .stack_size(64 * 1024)
-                        .spawn(move || {
-                            let mut buf = [0u8; 4096];
-                            while let Ok(n @ 1..) = tcp.read(&mut buf) {
-                                if tcp.write_all(&buf[..n]).is_err() {
-                                    return;
-                                }
-                            }
-                        })
-                        .ok();
-                }
-            });
-        }
-        Ok(EchoServer {
-            stop,
-            addresses,
-            netns,
-        })
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // Wake each accept loop so it sees the stop.
-        for &address in &self.addresses {
-            let _ = self.netns.run(move || TcpStream::connect(address));
-        }
-    }
 }
 
 fn print_table(figures: &BTreeMap<String, f64>) {
