@@ -10,6 +10,7 @@
 
 mod capture;
 mod cluster;
+pub mod load;
 mod mesh;
 
 pub use capture::{Capture, contains};

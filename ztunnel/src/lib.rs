@@ -9,6 +9,8 @@ pub mod check;
 pub mod config;
 pub mod discovery;
 pub mod file_watch;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hbone;
 pub mod http;
 pub mod identity;

@@ -16,6 +16,7 @@ use std::time::Duration;
 pub use client::{Pool, PoolConfig, PoolKey};
 pub use headers::{ConnectHeaders, parse_baggage};
 pub use mtls::{ClientTls, Mtls, ServerTls};
+pub(crate) use server::parse_connect;
 pub use server::{Incoming, RequestError, ServerConfig, serve_connection};
 pub use stream::H2Stream;
 

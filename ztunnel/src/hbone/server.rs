@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -88,14 +88,16 @@ pub enum RequestError {
 }
 
 fn parse(request: &Request<RecvStream>) -> Result<SocketAddr, RequestError> {
-    if request.method() != Method::CONNECT {
-        return Err(RequestError::Method(request.method().clone()));
+    parse_connect(request.method(), request.uri())
+}
+
+/// The destination of a CONNECT request: the method must be CONNECT and the authority
+/// an `ip:port`.
+pub(crate) fn parse_connect(method: &Method, uri: &Uri) -> Result<SocketAddr, RequestError> {
+    if method != Method::CONNECT {
+        return Err(RequestError::Method(method.clone()));
     }
-    let authority = request
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .unwrap_or_default();
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
     authority
         .parse()
         .map_err(|_| RequestError::Authority(authority.to_owned()))

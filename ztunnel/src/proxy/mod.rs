@@ -12,7 +12,7 @@ mod inbound_plaintext;
 pub mod metrics;
 mod outbound;
 mod socket;
-mod socks5;
+pub(crate) mod socks5;
 mod telemetry;
 
 use std::io;

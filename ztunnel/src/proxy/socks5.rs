@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 
@@ -20,8 +20,8 @@ const ATYP_DOMAIN: u8 = 3;
 const ATYP_V6: u8 = 4;
 
 /// SOCKS5 reply codes.
-#[derive(Clone, Copy)]
-enum Reply {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reply {
     Succeeded = 0,
     NotAllowed = 2,
     HostUnreachable = 4,
@@ -96,7 +96,10 @@ impl Proxy {
 }
 
 /// Reads the greeting and the request; the error carries the reply owed to the client.
-async fn request(tcp: &mut TcpStream) -> Result<SocketAddr, (Option<Reply>, Error)> {
+pub(crate) async fn request<S>(tcp: &mut S) -> Result<SocketAddr, (Option<Reply>, Error)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let io = |e: std::io::Error| (None, Error::Io(e));
     let mut head = [0u8; 2];
     tcp.read_exact(&mut head).await.map_err(io)?;
@@ -153,7 +156,7 @@ async fn request(tcp: &mut TcpStream) -> Result<SocketAddr, (Option<Reply>, Erro
     Ok(SocketAddr::new(ip, port))
 }
 
-async fn send_reply(tcp: &mut TcpStream, reply: Reply) -> std::io::Result<()> {
+async fn send_reply<S: AsyncWrite + Unpin>(tcp: &mut S, reply: Reply) -> std::io::Result<()> {
     // Bound address: unspecified, as the tunnel's upstream address is not the client's
     // business.
     tcp.write_all(&[VERSION, reply as u8, 0, ATYP_V4, 0, 0, 0, 0, 0, 0])

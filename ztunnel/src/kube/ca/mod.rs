@@ -34,6 +34,7 @@ pub use roots::{
     BUNDLE_CONFIG_MAP_KEY, Error as RootsError, NEXT_ROOT_CERT_KEY, NEXT_ROOT_KEY_KEY, RootSecret,
     RootStore, TRUST_BUNDLE_KEY,
 };
+pub(crate) use server::parse_sign_request;
 pub use server::{CaServer, CaServerConfig, Metrics, ServerError};
 
 /// The path of the signing endpoint.

@@ -302,19 +302,7 @@ impl CaServer {
         })?
         .to_bytes();
         let caller = self.authorizer.authenticate(&token).await?;
-        let request: SignRequest = serde_json::from_slice(&body)
-            .map_err(|e| Refusal::bad_request(format!("request is not a sign request: {e}")))?;
-        let identity: Identity = request
-            .identity
-            .parse()
-            .map_err(|e| Refusal::bad_request(format!("{e}")))?;
-        let csr =
-            CertificateSigningRequestDer::from_pem_slice(request.csr.as_bytes()).map_err(|e| {
-                Refusal::bad_request(format!("csr is not a PEM certificate request: {e}"))
-            })?;
-        let csr = CertificateSigningRequestParams::from_der(&csr).map_err(|e| {
-            Refusal::bad_request(format!("csr is not a valid certificate request: {e}"))
-        })?;
+        let (identity, csr) = parse_sign_request(&body).map_err(Refusal::bad_request)?;
         self.authorizer.authorize(&caller, &identity).await?;
         let signing = self.signing.load();
         let chain = signing
@@ -331,6 +319,21 @@ impl CaServer {
             trust_bundle: signing.bundle_pem.clone(),
         })
     }
+}
+
+/// The identity and certificate request of a sign request's JSON body, or why it is
+/// malformed (answered 400).
+pub(crate) fn parse_sign_request(
+    body: &[u8],
+) -> Result<(Identity, CertificateSigningRequestParams), String> {
+    let request: SignRequest =
+        serde_json::from_slice(body).map_err(|e| format!("request is not a sign request: {e}"))?;
+    let identity: Identity = request.identity.parse().map_err(|e| format!("{e}"))?;
+    let csr = CertificateSigningRequestDer::from_pem_slice(request.csr.as_bytes())
+        .map_err(|e| format!("csr is not a PEM certificate request: {e}"))?;
+    let csr = CertificateSigningRequestParams::from_der(&csr)
+        .map_err(|e| format!("csr is not a valid certificate request: {e}"))?;
+    Ok((identity, csr))
 }
 
 fn build_signing(
