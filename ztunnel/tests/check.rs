@@ -141,16 +141,16 @@ fn json_verdicts_for_the_documented_cases() {
             policy: Some("finance/payments-strict"),
             reason: "plaintext refused",
         },
-        // An ALLOW rule with methods and paths never matches at L4.
+        // On an HTTP port, an ALLOW rule with methods and paths is left to each request.
         Case {
             args: &["--from", "prod/orders", "--to", "10.0.1.50:8080"],
-            exit: 1,
+            exit: 0,
             transport: "hbone",
             mode: "PERMISSIVE",
             source_identity: Some("spiffe://cluster.local/ns/prod/sa/orders"),
             destination_identity: Some("spiffe://cluster.local/ns/finance/sa/billing"),
-            policy: Some("finance/billing-charge"),
-            reason: "uses L7 fields [to[0].operation.methods, to[0].operation.paths] that cannot be checked at L4, so this ALLOW rule never matches",
+            policy: None,
+            reason: "each request is decided on its own",
         },
         // Outside the mesh: passed through.
         Case {
@@ -220,10 +220,10 @@ fn the_text_verdict_explains_the_l7_rule() {
         &example(),
         &["--from", "prod/orders", "--to", "10.0.1.50:8080"],
     );
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
-        text.starts_with("REFUSED: prod/orders -> finance/billing at 10.0.1.50:8080\n"),
+        text.starts_with("ALLOWED: prod/orders -> finance/billing at 10.0.1.50:8080\n"),
         "{text}"
     );
     assert!(
@@ -232,11 +232,11 @@ fn the_text_verdict_explains_the_l7_rule() {
     );
     assert!(text.contains("  mTLS mode:            PERMISSIVE (mesh-wide PeerAuthentication istio-system/default)\n"), "{text}");
     assert!(
-        text.contains("  policy:               finance/billing-charge\n"),
+        text.contains("  reason:               no DENY rule without HTTP fields matched; each request is decided on its own\n"),
         "{text}"
     );
     assert!(
-        text.contains("  warning:              policy finance/billing-charge: rule 0 uses L7 fields [to[0].operation.methods, to[0].operation.paths] that cannot be checked at L4: this ALLOW rule never matches"),
+        text.contains("  warning:              policy finance/billing-charge: rule 0 uses HTTP fields [to[0].operation.methods, to[0].operation.paths]: checked per request on the HTTP ports of the workloads it selects"),
         "{text}"
     );
 }

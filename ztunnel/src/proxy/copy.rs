@@ -93,8 +93,12 @@ pub async fn tcp_h2(
             let read = tokio::select! {
                 biased;
                 read = read(tcp, &mut size) => read?,
-                reset = poll_fn(|cx| send.poll_reset(cx)) => {
-                    return Err(reset.map_or_else(CopyError::from, CopyError::Reset));
+                reset = poll_fn(|cx| send.poll_reset(cx)) => match reset {
+                    // A server that has ended its answer tells the client to stop
+                    // sending (RFC 9113, 8.1): the answer still reaches the socket.
+                    Ok(h2::Reason::NO_ERROR) => return Ok(()),
+                    Ok(reason) => return Err(CopyError::Reset(reason)),
+                    Err(e) => return Err(e.into()),
                 }
             };
             let Some(mut data) = read else {
