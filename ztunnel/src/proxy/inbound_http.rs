@@ -56,17 +56,7 @@ impl Proxy {
             &inner.metrics,
             Reporter::Destination,
             SecurityPolicy::None,
-            Endpoints {
-                source: client,
-                source_identity: None,
-                source_workload: None,
-                source_workload_ip: None,
-                destination,
-                destination_identity: Some(workload.identity.clone()),
-                destination_workload: Some((workload.name.clone(), workload.namespace.clone())),
-                destination_workload_ip: Some(destination.ip()),
-                traceparent: None,
-            },
+            Endpoints::plaintext(client, destination, &workload),
         );
         let session = self.session(&record, client, None, destination, &workload);
         self.serve_http(tcp, session, record).await;

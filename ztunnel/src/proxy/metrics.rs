@@ -347,6 +347,28 @@ pub struct Endpoints {
     pub traceparent: Option<String>,
 }
 
+impl Endpoints {
+    /// A plaintext connection from `client` to `destination`, a port of `workload`: no
+    /// identity and no workload known for the client.
+    pub fn plaintext(
+        client: SocketAddr,
+        destination: SocketAddr,
+        workload: &super::LocalWorkload,
+    ) -> Self {
+        Endpoints {
+            source: client,
+            source_identity: None,
+            source_workload: None,
+            source_workload_ip: None,
+            destination,
+            destination_identity: Some(workload.identity.clone()),
+            destination_workload: Some((workload.name.clone(), workload.namespace.clone())),
+            destination_workload_ip: Some(destination.ip()),
+            traceparent: None,
+        }
+    }
+}
+
 /// One proxied connection from open to close: counts it opened, meters its bytes,
 /// and at close counts it closed and writes its access-log event. A record dropped
 /// without `close` (its task aborted: the HBONE connection or the tunnel went away)
