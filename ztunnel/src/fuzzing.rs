@@ -3,9 +3,12 @@
 //! follows the parsers wherever they change.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use http::{Method, Uri};
-use tokio::io::{AsyncRead, AsyncWrite};
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::hbone::RequestError;
 use crate::identity::{Chain, Identity, InProcessCa};
@@ -13,7 +16,9 @@ use crate::identity::{Chain, Identity, InProcessCa};
 pub use crate::config::parse as parse_config;
 pub use crate::hbone::ConnectHeaders;
 pub use crate::identity::{CaFiles, CertificateInfo, generate_root};
-pub use crate::policy::{Connection, Document, Policy, authorize};
+pub use crate::policy::{
+    Connection, Document, PathNormalization, Policy, Request, authorize, path_and_host,
+};
 pub use crate::tls::identity_of;
 
 /// One Istio policy document as the config file holds it (YAML; JSON is YAML too).
@@ -47,4 +52,36 @@ pub fn sign_request(ca: &InProcessCa, body: &[u8]) -> Result<(Identity, Chain), 
         .issue(&identity, &csr.public_key)
         .map_err(|e| e.to_string())?;
     Ok((identity, chain))
+}
+
+/// The heads of the HTTP requests in `input`, read by the tunnel's HTTP server (the one
+/// HTTP ports are served with, its limits included) from a client connection that ends
+/// where the input ends. Each request's body is read, and it is answered 200.
+pub async fn http_requests(input: &[u8]) -> Vec<http::request::Parts> {
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    let service =
+        hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let seen = seen.clone();
+            async move {
+                let (parts, body) = request.into_parts();
+                seen.lock().expect("not poisoned").push(parts);
+                let _ = body.collect().await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
+                    bytes::Bytes,
+                >::new()))
+            }
+        });
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let config = crate::http::Config::default();
+    let http = crate::http::server(&config);
+    let served = http.serve_connection_with_upgrades(TokioIo::new(server), service);
+    let client = async move {
+        let _ = client.write_all(input).await;
+        let _ = client.shutdown().await;
+        let mut answers = Vec::new();
+        let _ = client.read_to_end(&mut answers).await;
+    };
+    let _ = tokio::join!(served, client);
+    std::mem::take(&mut *heads.lock().expect("not poisoned"))
 }

@@ -40,11 +40,13 @@ fuzz_target!(|data: &[u8]| {
             src_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
             identity: Some(&identity),
             dst: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 9090),
+            request: None,
         },
         Connection {
             src_ip: IpAddr::V6(Ipv6Addr::LOCALHOST),
             identity: None,
             dst: SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 80),
+            request: None,
         },
     ];
     for conn in &connections {

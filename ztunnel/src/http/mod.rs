@@ -111,18 +111,8 @@ where
     let service = hyper::service::service_fn(move |request| {
         handle(session.clone(), upstream.clone(), request)
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .max_buf_size(config.max_header_bytes.max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let server = server(&config);
+    let connection = server.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
@@ -160,6 +150,23 @@ where
         peer,
         reason: hyper_error.to_string(),
     })
+}
+
+/// The HTTP server every client connection to an HTTP port is served with: HTTP/1.1 or
+/// HTTP/2 cleartext, by what the client sends first.
+pub(crate) fn server(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+    builder
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {

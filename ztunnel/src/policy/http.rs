@@ -88,6 +88,26 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
+/// What authorization reads from a request's head: its path normalized under `mode`,
+/// and its authority (`:authority` or the absolute-form target's, else `Host`).
+pub fn path_and_host(
+    request: &http::request::Parts,
+    mode: PathNormalization,
+) -> Result<(String, Option<&str>), PathError> {
+    let target = request
+        .uri
+        .path_and_query()
+        .map_or_else(|| request.uri.path(), |p| p.as_str());
+    let path = normalize_path(target, mode)?;
+    let host = request.uri.authority().map(|a| a.as_str()).or_else(|| {
+        request
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+    });
+    Ok((path, host))
+}
+
 /// The normalized path of `path_and_query` (a request target in origin form) under
 /// `mode`; the query and fragment are not part of it.
 pub fn normalize_path(path_and_query: &str, mode: PathNormalization) -> Result<String, PathError> {

@@ -26,7 +26,7 @@ pub use authz::{
     Action, AuthorizationPolicy, Decision, DryRunOutcome, HeaderMatch, Match, Rule, StringMatch,
     authorize, authorize_before_requests,
 };
-pub use http::{PathError, PathNormalization, Request, normalize_path};
+pub use http::{PathError, PathNormalization, Request, normalize_path, path_and_host};
 pub use peer::{EffectiveMode, ModeSource, MtlsMode, PeerAuthentication, WorkloadMode};
 pub use resource::{Document, ResourceError};
 

@@ -630,28 +630,19 @@ impl Snapshot {
         if self.resources.l7.authorization == L7Authorization::Waypoint {
             return self.decide(src_ip, identity, dst);
         }
-        let target = request
-            .uri
-            .path_and_query()
-            .map_or_else(|| request.uri.path(), |p| p.as_str());
-        let path = match policy::normalize_path(target, self.resources.l7.path_normalization) {
-            Ok(path) => path,
-            Err(e) => {
-                return Decision {
-                    allowed: false,
-                    policy: None,
-                    reason: format!("{} {target}: {e}", request.method),
-                    audit: Vec::new(),
-                    dry_run: Vec::new(),
-                };
-            }
-        };
-        let host = request.uri.authority().map(|a| a.as_str()).or_else(|| {
-            request
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        });
+        let (path, host) =
+            match policy::path_and_host(request, self.resources.l7.path_normalization) {
+                Ok(read) => read,
+                Err(e) => {
+                    return Decision {
+                        allowed: false,
+                        policy: None,
+                        reason: format!("{} request: {e}", request.method),
+                        audit: Vec::new(),
+                        dry_run: Vec::new(),
+                    };
+                }
+            };
         let req = policy::Request {
             method: request.method.as_str(),
             path: &path,
