@@ -270,7 +270,10 @@ async fn l7_step(mesh: &Mesh, pods: &Pods<'_>, app: &ChargeApp) -> Result<()> {
     let seen = app.seen();
     claim(
         seen == ["POST /charge from orders' request"],
-        &format!("payments' application saw only the allowed request ({seen:?})"),
+        &format!(
+            "payments' application saw only the allowed request: {}",
+            seen.join("; ")
+        ),
     )
 }
 
@@ -910,11 +913,15 @@ impl ServerCertVerifier for AnyServer {
 }
 
 fn run_quietly(cmd: &mut Command) -> Result<()> {
+    let line: Vec<String> = cmd
+        .get_args()
+        .map(|arg| arg.to_string_lossy().into_owned())
+        .collect();
     let out = cmd.output().context("cannot run ztunnel")?;
     if !out.status.success() {
         bail!(
-            "ztunnel {:?} failed: {}",
-            cmd.get_args().next().unwrap_or_default(),
+            "ztunnel {} failed: {}",
+            line.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
