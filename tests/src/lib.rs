@@ -8,7 +8,7 @@
 //! # drop(out); Ok(()) }
 //! ```
 
-mod capture;
+pub mod capture;
 mod cluster;
 pub mod load;
 mod mesh;

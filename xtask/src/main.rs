@@ -61,7 +61,8 @@ enum Task {
         target: Option<String>,
     },
     /// Run setup when needed, then a two-node, four-pod mesh on this machine, told step
-    /// by step (root). Removes everything it made.
+    /// by step, each claim checked: fails when one does not hold (root). Removes
+    /// everything it made.
     Demo,
     /// Run setup when needed, then measure the tunnel (release build) against the
     /// direct path on the demo's topology and print a table (root).

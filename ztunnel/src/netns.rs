@@ -72,7 +72,7 @@ pub enum Error {
         addr: SocketAddr,
         source: io::Error,
     },
-    #[error("cannot connect from network namespace {path} (source {bind:?}) to {dst}: {source}")]
+    #[error("cannot connect from network namespace {path}{bound} to {dst}: {source}", bound = bound_to(.bind))]
     Connect {
         path: PathBuf,
         bind: Option<SocketAddr>,
@@ -83,6 +83,12 @@ pub enum Error {
     NoRuntime,
     #[error("cannot read the cookie of network namespace {path}: {source}")]
     Cookie { path: PathBuf, source: io::Error },
+}
+
+/// ` (bound to ADDR)` for a connect from a chosen source address, else nothing.
+fn bound_to(bind: &Option<SocketAddr>) -> String {
+    bind.map(|addr| format!(" (bound to {addr})"))
+        .unwrap_or_default()
 }
 
 type Job = Box<dyn FnOnce() + Send>;

@@ -421,6 +421,7 @@ async fn wrong_server_identity_or_dead_endpoint_fail_cleanly() {
             workload: None,
         },
     );
+    // Neither a policy nor a refused connect: reply 4, "host unreachable".
     let error = pair.connect(impostor).await.unwrap_err();
     assert!(error.to_string().contains("SOCKS5 reply 4"), "{error}");
     assert_eq!(
@@ -444,8 +445,9 @@ async fn wrong_server_identity_or_dead_endpoint_fail_cleanly() {
             workload: None,
         },
     );
+    // The peer's node refuses the connect: reply 5, "connection refused".
     let error = pair.connect(target).await.unwrap_err();
-    assert!(error.to_string().contains("SOCKS5 reply 4"), "{error}");
+    assert!(error.to_string().contains("SOCKS5 reply 5"), "{error}");
     assert_eq!(pair.client.proxy.pool().total_connections(), 0);
     // The good route still works.
     let mut tcp = pair.connect(pair.echo).await.unwrap();

@@ -121,10 +121,56 @@ async fn every_refusal_of_the_answer_table() {
 async fn refusals_reach_the_application_as_resets() {
     let pair = Pair::new(22, Config::default()).await;
     pair.mesh.deny(pair.echo);
-    // The HBONE 401 fails the SOCKS5 CONNECT (reply "host unreachable").
+    // The HBONE 401 fails the SOCKS5 CONNECT (reply 2, "not allowed by ruleset").
     let error = pair.connect(pair.echo).await.unwrap_err();
-    assert!(error.to_string().contains("SOCKS5 reply 4"), "{error}");
+    assert!(error.to_string().contains("SOCKS5 reply 2"), "{error}");
     pair.client.assert_metric("istio_tcp_connections_closed_total{reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"front\",source_principal=\"spiffe://cluster.local/ns/front/sa/client\",destination_workload=\"server\",destination_workload_namespace=\"back\",destination_principal=\"spiffe://cluster.local/ns/back/sa/server\",connection_security_policy=\"mutual_tls\"} 1");
+}
+
+/// A SOCKS5 client is told a policy refusal (reply 2, "connection not allowed by
+/// ruleset": the destination tunnel's 401, or a route refused here) from a destination
+/// that refused the connection (reply 5, "connection refused": the destination tunnel's
+/// 503 when nothing listens behind it, or a passed-through connect refused).
+#[tokio::test]
+async fn socks5_replies_tell_a_policy_refusal_from_a_refused_connection() {
+    let pair = Pair::new(31, Config::default()).await;
+    let reply = |error: std::io::Error| {
+        let text = error.to_string();
+        text.strip_prefix("SOCKS5 reply ")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|code| code.parse::<u8>().ok())
+            .unwrap_or_else(|| panic!("not a SOCKS5 refusal: {text}"))
+    };
+    let closed_port = |ip| async move {
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0))
+            .await
+            .unwrap();
+        listener.local_addr().unwrap()
+    };
+
+    // Over HBONE, nothing listening behind the server tunnel: its 503.
+    let closed = closed_port(pair.server_ip).await;
+    pair.route(closed);
+    assert_eq!(reply(pair.connect(closed).await.unwrap_err()), 5);
+    // Passed through (not in the mesh), nothing listening.
+    let outside = closed_port("127.0.31.9".parse().unwrap()).await;
+    assert_eq!(reply(pair.connect(outside).await.unwrap_err()), 5);
+
+    // The server tunnel's policy denies it: its 401.
+    pair.mesh.deny(pair.echo);
+    assert_eq!(reply(pair.connect(pair.echo).await.unwrap_err()), 2);
+    // The client tunnel refuses the route itself.
+    let refused: SocketAddr = "127.0.31.10:80".parse().unwrap();
+    pair.mesh.add_route(
+        refused,
+        ztunnel::proxy::Route::Refuse("a route refused by the test".to_owned()),
+    );
+    assert_eq!(reply(pair.connect(refused).await.unwrap_err()), 2);
+
+    // Still serving: a refusal ends only its own request.
+    let allowed = pair.app(support::echo).await;
+    let mut tcp = pair.connect(allowed).await.unwrap();
+    round_trip(&mut tcp, b"after the refusals").await;
 }
 
 #[tokio::test]

@@ -87,7 +87,7 @@ struct Inner {
     next_id: AtomicU64,
 }
 
-type Pending = Shared<BoxFuture<'static, Result<Arc<Conn>, String>>>;
+type Pending = Shared<BoxFuture<'static, Result<Arc<Conn>, Arc<Error>>>>;
 
 #[derive(Default)]
 struct Entry {
@@ -265,9 +265,7 @@ impl Pool {
                         // ones still serve. Without any, the failure is the answer.
                         return match self.choose(key, sockets, Want::Existing) {
                             Choice::Use(conn, load) => Ok((conn, load)),
-                            Choice::Wait(_) | Choice::Declined => {
-                                Err(Error::Setup(key.destination, reason))
-                            }
+                            Choice::Wait(_) | Choice::Declined => Err(Error::Establish(reason)),
                         };
                     }
                     want = Want::Any;
@@ -335,6 +333,7 @@ impl Pool {
     /// and returns the shared outcome.
     fn spawn_connect(&self, key: PoolKey, sockets: Sockets) -> Pending {
         let pool = self.clone();
+        let addr = key.destination;
         let task = tokio::spawn(async move {
             let result = pool.establish(&key, &sockets).await;
             let mut entries = lock(&pool.inner.entries);
@@ -350,13 +349,16 @@ impl Pool {
                     if entry.conns.is_empty() {
                         entries.remove(&key);
                     }
-                    Err(e.to_string())
+                    Err(Arc::new(e))
                 }
             }
         });
-        async move { task.await.map_err(|e| e.to_string())? }
-            .boxed()
-            .shared()
+        async move {
+            task.await
+                .map_err(|e| Arc::new(Error::Setup(addr, e.to_string())))?
+        }
+        .boxed()
+        .shared()
     }
 
     async fn establish(&self, key: &PoolKey, sockets: &Sockets) -> Result<Arc<Conn>> {

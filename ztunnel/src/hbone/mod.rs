@@ -48,6 +48,9 @@ pub enum Error {
     H2 { addr: SocketAddr, source: h2::Error },
     #[error("HTTP/2 connection to {0} failed while it was being set up: {1}")]
     Setup(SocketAddr, String),
+    /// The failed set-up of a connection that this stream waited for with others.
+    #[error(transparent)]
+    Establish(std::sync::Arc<Error>),
     #[error("HBONE peer {addr} answered CONNECT {authority} with {status}")]
     Status {
         addr: SocketAddr,
@@ -60,6 +63,16 @@ pub enum Error {
     Stream(SocketAddr, h2::Error),
     #[error("{0}")]
     Io(#[from] io::Error),
+}
+
+impl Error {
+    /// The error itself, or the one a shared connection set-up failed with.
+    pub fn cause(&self) -> &Error {
+        match self {
+            Error::Establish(inner) => inner.cause(),
+            other => other,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

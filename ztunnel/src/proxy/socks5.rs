@@ -8,8 +8,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 
+use http::StatusCode;
+
 use super::metrics::RefusedReason;
 use super::{Error, Proxy};
+use crate::hbone;
 
 const VERSION: u8 = 5;
 const NO_AUTH: u8 = 0;
@@ -23,8 +26,12 @@ const ATYP_V6: u8 = 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Reply {
     Succeeded = 0,
+    /// "Connection not allowed by ruleset": refused by a policy, here or at the
+    /// destination's tunnel.
     NotAllowed = 2,
     HostUnreachable = 4,
+    /// "Connection refused": nothing accepted the connection at the destination.
+    ConnectionRefused = 5,
     CommandNotSupported = 7,
     AddressTypeNotSupported = 8,
 }
@@ -67,11 +74,9 @@ impl Proxy {
                 .await;
         };
         let outbound = self.reach(client, &source, destination).await;
-        let reply = match outbound.reached() {
-            Ok(()) => Reply::Succeeded,
-            Err(Error::Refused { .. }) => Reply::NotAllowed,
-            Err(_) => Reply::HostUnreachable,
-        };
+        let reply = outbound
+            .reached()
+            .map_or_else(reply_to, |()| Reply::Succeeded);
         if let Err(e) = send_reply(&mut tcp, reply).await {
             // The copy below fails at once and logs the connection.
             debug!(%client, error = %e, "SOCKS5 client gone before the reply");
@@ -154,6 +159,28 @@ where
     };
     let port = tcp.read_u16().await.map_err(io)?;
     Ok(SocketAddr::new(ip, port))
+}
+
+/// The reply owed to a client whose upstream could not be reached: a policy refusal
+/// (a local route refusal, or the destination tunnel's 401/403) is "not allowed", a
+/// connection nothing accepted (refused, or the destination tunnel's 503: it could not
+/// connect to the application) is "connection refused", anything else "host unreachable".
+fn reply_to(error: &Error) -> Reply {
+    let refused = |e: &std::io::Error| e.kind() == std::io::ErrorKind::ConnectionRefused;
+    match error {
+        Error::Refused { .. } | Error::Denied { .. } | Error::Strict(_) => Reply::NotAllowed,
+        Error::Hbone(e) => match e.cause() {
+            hbone::Error::Status { status, .. } => match *status {
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Reply::NotAllowed,
+                StatusCode::SERVICE_UNAVAILABLE => Reply::ConnectionRefused,
+                _ => Reply::HostUnreachable,
+            },
+            hbone::Error::Connect { source, .. } if refused(source) => Reply::ConnectionRefused,
+            _ => Reply::HostUnreachable,
+        },
+        Error::Upstream { source, .. } if refused(source) => Reply::ConnectionRefused,
+        _ => Reply::HostUnreachable,
+    }
 }
 
 async fn send_reply<S: AsyncWrite + Unpin>(tcp: &mut S, reply: Reply) -> std::io::Result<()> {
