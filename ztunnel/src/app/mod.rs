@@ -132,6 +132,7 @@ impl Tunnel {
         let mesh = StateMesh::new(state.clone());
         let proxy_config = proxy::Config {
             mark: Some(settings.socket_mark),
+            socks5_allowed_uids: settings.socks5_allowed_uids.clone(),
             ..proxy::Config::default()
         };
         let proxy = Proxy::new(
@@ -154,7 +155,15 @@ impl Tunnel {
                         error!(error = %e, "SOCKS5 listener stopped");
                     }
                 }));
-                info!(address = %bound, "SOCKS5 capture listening");
+                warn!(
+                    address = %bound,
+                    tunnel_uid = nix::unistd::geteuid().as_raw(),
+                    socks5_allowed_uids = ?settings.socks5_allowed_uids,
+                    "SOCKS5 CAPTURE IS ON: the test path for hosts without eBPF, not for \
+                     production. A process of the tunnel's user or of socks5AllowedUids \
+                     that connects from a workload's address is given that workload's \
+                     mTLS identity"
+                );
                 Some(bound)
             }
             None => None,

@@ -81,6 +81,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// A SOCKS5 capture listener on a loopback address (no eBPF needed); off by default.
     pub socks5_address: Option<SocketAddr>,
+    /// Users, besides the tunnel's own, whose processes may use the SOCKS5 listener.
+    pub socks5_allowed_uids: Vec<u32>,
     /// How long open connections may finish after SIGTERM before they are closed.
     pub drain_grace_period_seconds: u64,
     /// Peers whose traffic is never steered, both ways (the node's own address, so the
@@ -112,6 +114,7 @@ impl Settings {
             log_level: DEFAULT_LOG_LEVEL.to_string(),
             log_format: LogFormat::Text,
             socks5_address: None,
+            socks5_allowed_uids: Vec::new(),
             drain_grace_period_seconds: DEFAULT_DRAIN_GRACE_PERIOD_SECONDS,
             excluded_peers: Vec::new(),
             excluded_ports: Vec::new(),
@@ -170,6 +173,8 @@ struct File {
     #[serde(default)]
     log_format: LogFormat,
     socks5_address: Option<SocketAddr>,
+    #[serde(default)]
+    socks5_allowed_uids: Vec<u32>,
     #[serde(default = "default_drain_grace")]
     drain_grace_period_seconds: u64,
     #[serde(default)]
@@ -342,6 +347,15 @@ impl Checker<'_> {
                 ),
             ));
         }
+        if file.socks5_address.is_none() && !file.socks5_allowed_uids.is_empty() {
+            return Err(self.invalid(
+                "socks5AllowedUids",
+                format!(
+                    "{:?} set without socks5Address: there is no SOCKS5 listener to allow them on",
+                    file.socks5_allowed_uids
+                ),
+            ));
+        }
         if file.socket_mark == 0 {
             return Err(self.invalid(
                 "socketMark",
@@ -370,6 +384,7 @@ impl Checker<'_> {
             log_level: file.log_level,
             log_format: file.log_format,
             socks5_address: file.socks5_address,
+            socks5_allowed_uids: file.socks5_allowed_uids,
             drain_grace_period_seconds: file.drain_grace_period_seconds,
             excluded_peers: file.excluded_peers,
             excluded_ports: file.excluded_ports,

@@ -156,6 +156,8 @@ pub struct Config {
     pub max_inbound_connections: usize,
     /// Deadline of the SOCKS5 greeting and request.
     pub socks5_timeout: Duration,
+    /// Users, besides the tunnel's own, whose processes may use the SOCKS5 listener.
+    pub socks5_allowed_uids: Vec<u32>,
     /// Series of each `istio_tcp_*` family at most; connections beyond it are counted
     /// in an overflow series and in `ztunnel_metric_series_dropped_total`.
     pub max_metric_series: usize,
@@ -174,6 +176,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             max_inbound_connections: 16 * 1024,
             socks5_timeout: Duration::from_secs(10),
+            socks5_allowed_uids: Vec::new(),
             max_metric_series: DEFAULT_MAX_METRIC_SERIES,
             trusted_proxies: Vec::new(),
             http: crate::http::Config::default(),
