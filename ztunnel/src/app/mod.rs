@@ -133,6 +133,8 @@ impl Tunnel {
         let proxy_config = proxy::Config {
             mark: Some(settings.socket_mark),
             socks5_allowed_uids: settings.socks5_allowed_uids.clone(),
+            trusted_proxies: settings.trusted_proxies.clone(),
+            max_metric_series: settings.max_metric_series,
             ..proxy::Config::default()
         };
         let proxy = Proxy::new(

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::admin::LogFormat;
 use crate::identity::{CaFiles, Identity};
 use crate::policy::{Document, Labels, PathNormalization, Policy};
+use crate::proxy::DEFAULT_MAX_METRIC_SERIES;
 use crate::state::{
     L7Authorization, L7Settings, Resources, Service, ServicePort, Workload, speaks_http,
 };
@@ -93,6 +94,12 @@ pub struct Settings {
     /// Where HTTP rules are enforced and how request paths are normalized (in the
     /// file mode they apply on reload, as part of the mesh's resources).
     pub l7: L7Settings,
+    /// Peer identities whose `forwarded` header is logged as the source address even
+    /// when it is not the peer's own address (gateways, waypoints).
+    pub trusted_proxies: Vec<Identity>,
+    /// Series of each `istio_tcp_*` family at most; beyond it connections are counted
+    /// in an overflow series.
+    pub max_metric_series: usize,
 }
 
 /// A checked config file.
@@ -119,6 +126,8 @@ impl Settings {
             excluded_peers: Vec::new(),
             excluded_ports: Vec::new(),
             l7: L7Settings::default(),
+            trusted_proxies: Vec::new(),
+            max_metric_series: DEFAULT_MAX_METRIC_SERIES,
         }
     }
 }
@@ -186,6 +195,10 @@ struct File {
     #[serde(default)]
     path_normalization: PathNormalization,
     #[serde(default)]
+    trusted_proxies: Vec<Identity>,
+    #[serde(default = "default_max_metric_series")]
+    max_metric_series: usize,
+    #[serde(default)]
     workloads: Vec<RawWorkload>,
     #[serde(default)]
     services: Vec<RawService>,
@@ -193,6 +206,9 @@ struct File {
     policies: Vec<Document>,
 }
 
+fn default_max_metric_series() -> usize {
+    DEFAULT_MAX_METRIC_SERIES
+}
 fn default_trust_domain() -> String {
     DEFAULT_TRUST_DOMAIN.to_string()
 }
@@ -356,6 +372,15 @@ impl Checker<'_> {
                 ),
             ));
         }
+        if file.max_metric_series == 0 {
+            return Err(self.invalid(
+                "maxMetricSeries",
+                format!(
+                    "0 would leave no series for any connection (the default is \
+                     {DEFAULT_MAX_METRIC_SERIES})"
+                ),
+            ));
+        }
         if file.socket_mark == 0 {
             return Err(self.invalid(
                 "socketMark",
@@ -392,6 +417,8 @@ impl Checker<'_> {
                 authorization: file.l7_authorization,
                 path_normalization: file.path_normalization,
             },
+            trusted_proxies: file.trusted_proxies,
+            max_metric_series: file.max_metric_series,
             trust_domain: file.trust_domain,
             node: file.node,
             root_namespace: file.root_namespace,
