@@ -9,7 +9,9 @@ pub mod gauges;
 mod manager;
 mod spiffe;
 
-pub use bundle::{TrustBundle, TrustStore, WATCH_DEBOUNCE, parse_pem_certificates};
+pub use bundle::{
+    ROTATION_RETIRE_MARK, TrustBundle, TrustStore, WATCH_DEBOUNCE, parse_pem_certificates,
+};
 pub use ca::{
     CaFiles, CertificateAuthority, Chain, DEFAULT_CERT_LIFETIME, InProcessCa, ROOT_CERT_FILE,
     ROOT_KEY_FILE, RootPem, SignFuture, generate_root, init as init_ca,
