@@ -467,3 +467,112 @@ async fn a_full_connection_makes_room_on_another() {
         assert_eq!(pair.client.proxy.pool().connections(&pair.key()), expected);
     }
 }
+
+/// Makes a SOCKS5 CONNECT to `destination` from `source`, from a socket owned by `uid`,
+/// and returns the reply code; on success, one round trip through it.
+fn socks5_as(
+    uid: u32,
+    socks: SocketAddr,
+    source: std::net::IpAddr,
+    destination: SocketAddr,
+) -> std::thread::JoinHandle<std::io::Result<u8>> {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        // As a raw system call, setresuid changes this thread's credentials only (the
+        // libc wrapper changes every thread of the process); the thread ends with it.
+        // SAFETY: a system call with integer arguments, no memory handed over.
+        let changed = unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) };
+        assert_eq!(
+            changed,
+            0,
+            "setresuid({uid}) (the test needs root): {}",
+            std::io::Error::last_os_error()
+        );
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+        socket.connect_timeout(&socks.into(), Duration::from_secs(5))?;
+        let mut tcp: std::net::TcpStream = socket.into();
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        tcp.write_all(&[5, 1, 0])?;
+        let mut method = [0u8; 2];
+        tcp.read_exact(&mut method)?;
+        assert_eq!(method, [5, 0]);
+        let SocketAddr::V4(v4) = destination else {
+            panic!("an IPv4 destination")
+        };
+        let mut request = vec![5, 1, 0, 1];
+        request.extend_from_slice(&v4.ip().octets());
+        request.extend_from_slice(&v4.port().to_be_bytes());
+        tcp.write_all(&request)?;
+        let mut reply = [0u8; 10];
+        tcp.read_exact(&mut reply)?;
+        if reply[1] == 0 {
+            tcp.write_all(b"ping")?;
+            let mut back = [0u8; 4];
+            tcp.read_exact(&mut back)?;
+            assert_eq!(&back, b"ping");
+        }
+        Ok(reply[1])
+    })
+}
+
+async fn joined(handle: std::thread::JoinHandle<std::io::Result<u8>>) -> u8 {
+    tokio::task::spawn_blocking(move || handle.join())
+        .await
+        .unwrap()
+        .expect("the SOCKS5 client thread")
+        .expect("the SOCKS5 exchange")
+}
+
+/// Any local user can bind a workload's loopback address; only the tunnel's own user
+/// and `socks5_allowed_uids` are served (reply 2, not allowed, and counted otherwise),
+/// so another user does not get the workload's mTLS identity. Needs root (to make a
+/// socket as another user).
+#[tokio::test]
+async fn socks5_serves_only_the_tunnels_user_and_allowed_uids() {
+    const NOBODY: u32 = 65534;
+    let pair = Pair::new(151, Config::default()).await;
+    let refused = || {
+        pair.client
+            .proxy
+            .metrics()
+            .refused_count(ztunnel::proxy::RefusedReason::Socks)
+    };
+    assert_eq!(
+        joined(socks5_as(NOBODY, pair.socks, pair.client_ip, pair.echo)).await,
+        2,
+        "another user is refused"
+    );
+    assert_eq!(refused(), 1);
+    let mut tcp = pair.connect(pair.echo).await.unwrap();
+    round_trip(&mut tcp, b"the tunnel's own user").await;
+    assert_eq!(refused(), 1);
+
+    let allowing = Pair::new(
+        152,
+        Config {
+            socks5_allowed_uids: vec![NOBODY],
+            ..Config::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        joined(socks5_as(
+            NOBODY,
+            allowing.socks,
+            allowing.client_ip,
+            allowing.echo
+        ))
+        .await,
+        0,
+        "an allowed user is served"
+    );
+    assert_eq!(
+        allowing
+            .client
+            .proxy
+            .metrics()
+            .refused_count(ztunnel::proxy::RefusedReason::Socks),
+        0
+    );
+}

@@ -372,3 +372,91 @@ fn the_loopback_example_loads() {
         assert!(config.settings.ca.is_some());
     }
 }
+
+/// The value of the series `series` (name and labels, then a space).
+async fn value(tunnel: &Tunnel, series: &str) -> String {
+    metric(tunnel, series)
+        .await
+        .trim_start_matches(series)
+        .to_string()
+}
+
+/// The value of `series` once it is `want`, or what it is after 10 s.
+async fn metric_becomes(tunnel: &Tunnel, series: &str, want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let value = value(tunnel, series).await;
+        if value == want || Instant::now() > deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A trust bundle edit that drops the root of the certificates the tunnel holds is
+/// refused (the bundle in force stays) and counted, unless the file marks it as the
+/// retire step of a rotation; an unreadable bundle is counted the same way.
+#[tokio::test]
+async fn a_bundle_edit_that_drops_the_held_root_is_refused_unless_marked_retire() {
+    let dir = with_ca();
+    let new = dir.path().join("new");
+    let init = Command::new(env!("CARGO_BIN_EXE_ztunnel"))
+        .args(["ca", "init", "--dir", new.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let old_pem = std::fs::read_to_string(dir.path().join("ca/root-cert.pem")).unwrap();
+    let new_pem = std::fs::read_to_string(new.join("root-cert.pem")).unwrap();
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, &old_pem).unwrap();
+    let key_line = format!(
+        "  keyFile: {}/root-key.pem\n",
+        dir.path().join("ca").display()
+    );
+    let text = config(dir.path(), "node-a", 13, false, "").replace(
+        &key_line,
+        &format!("{key_line}  trustBundleFile: {}\n", bundle.display()),
+    );
+    assert!(text.contains("trustBundleFile"));
+    let path = dir.path().join("node-a.yaml");
+    std::fs::write(&path, text).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_ztunnel"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let at = |port: u16| SocketAddr::new(ip(13), port);
+    let tunnel = Tunnel {
+        child,
+        admin: at(15000),
+        readiness: at(15021),
+        metrics: at(15020),
+        config: path,
+    };
+    wait_ready(&tunnel).await;
+    let roots = "ztunnel_trust_bundle_roots ";
+    let failures = "ztunnel_trust_bundle_reload_failures_total ";
+    assert_eq!(metric_becomes(&tunnel, roots, "1").await, "1");
+    assert_eq!(metric_becomes(&tunnel, failures, "0").await, "0");
+
+    // Prepare: both roots.
+    std::fs::write(&bundle, format!("{old_pem}{new_pem}")).unwrap();
+    assert_eq!(metric_becomes(&tunnel, roots, "2").await, "2");
+    // Only the new root, while the certificates held come from the old one: refused.
+    std::fs::write(&bundle, &new_pem).unwrap();
+    assert_eq!(metric_becomes(&tunnel, failures, "1").await, "1");
+    assert_eq!(value(&tunnel, roots).await, "2");
+    // A broken file is counted too.
+    std::fs::write(&bundle, "-----BEGIN CERTIFICATE-----\ngarbage\n").unwrap();
+    assert_eq!(metric_becomes(&tunnel, failures, "2").await, "2");
+    assert_eq!(value(&tunnel, roots).await, "2");
+    // Marked as the retire step: applied.
+    std::fs::write(
+        &bundle,
+        format!("{}\n{new_pem}", ztunnel::identity::ROTATION_RETIRE_MARK),
+    )
+    .unwrap();
+    assert_eq!(metric_becomes(&tunnel, roots, "1").await, "1");
+    assert_eq!(value(&tunnel, failures).await, "2");
+}

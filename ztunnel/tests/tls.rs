@@ -39,11 +39,19 @@ impl Root {
         Root { files, issuer }
     }
 
-    fn leaf_with(&self, who: &Identity, shape: impl FnOnce(&mut CertificateParams)) -> Ready {
+    /// A chain and key signed by this root, with `uris` as its URI SANs.
+    fn signed(
+        &self,
+        uris: &[&str],
+        shape: impl FnOnce(&mut CertificateParams),
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(who.to_string().as_str().try_into().unwrap())];
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -54,9 +62,12 @@ impl Root {
         shape(&mut params);
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let cert =
-            WorkloadCertificate::new(who.clone(), vec![cert.der().clone()], key, &tls::provider())
-                .unwrap();
+        (vec![cert.der().clone()], key)
+    }
+
+    fn leaf_with(&self, who: &Identity, shape: impl FnOnce(&mut CertificateParams)) -> Ready {
+        let (chain, key) = self.signed(&[who.to_string().as_str()], shape);
+        let cert = WorkloadCertificate::new(who.clone(), chain, key, &tls::provider()).unwrap();
         watch::channel(CertState::Ready(Arc::new(cert))).1
     }
 
@@ -553,4 +564,169 @@ fn a_certificate_must_carry_its_identity() {
         err.contains("spiffe://cluster.local/ns/prod/sa/other") && err.contains("do not include"),
         "{err}"
     );
+}
+
+/// SPIFFE allows exactly one URI SAN. A peer whose certificate carries two identities
+/// (both of this trust domain, both valid, signed by the trusted root) is refused at the
+/// handshake, whichever side presents it, and counted as `multiple_uri_sans`; before,
+/// the first URI was taken as the identity.
+#[tokio::test]
+async fn a_certificate_with_two_uri_sans_is_refused_at_the_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Root::new(dir.path());
+    let (orders, payments) = (id("prod", "orders"), id("finance", "payments"));
+    let admin = id("kube-system", "admin");
+    let provider = tls::provider();
+
+    // A client with two identities against the tunnel's server.
+    let mut srv = server(root.leaf(&payments), trust(&[&root]), DEADLINE).await;
+    let (chain, key) = root.signed(&[&admin.to_string(), &orders.to_string()], |_| {});
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider.clone())))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(srv.addr).await.unwrap();
+    let connected = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::IpAddress(srv.addr.ip().into()),
+            tcp,
+        )
+        .await;
+    assert_eq!(
+        srv.results.recv().await.unwrap(),
+        Err(FailureReason::multiple_uri_sans)
+    );
+    assert_eq!(
+        srv.metrics
+            .failures(Side::server, FailureReason::multiple_uri_sans),
+        1
+    );
+    if let Ok(mut stream) = connected {
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(DEADLINE, async {
+            stream.write_all(b"x").await?;
+            stream.read(&mut buf).await
+        })
+        .await
+        .unwrap();
+        assert!(matches!(read, Err(_) | Ok(0)), "data through {read:?}");
+    }
+
+    // A server with two identities, one of them the expected one, against the tunnel's
+    // client.
+    let (chain, key) = root.signed(&[&payments.to_string(), &admin.to_string()], |_| {});
+    let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepting = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        acceptor.accept(tcp).await.map(drop)
+    });
+    let metrics = Metrics::default();
+    let err = client(
+        addr,
+        root.leaf(&orders),
+        trust(&[&root]),
+        vec![payments.clone()],
+        &metrics,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.reason, FailureReason::multiple_uri_sans, "{err}");
+    assert!(
+        err.detail.contains("2 URI SANs") && err.detail.contains(&admin.to_string()),
+        "{err}"
+    );
+    assert_eq!(
+        metrics.failures(Side::client, FailureReason::multiple_uri_sans),
+        1
+    );
+    assert!(
+        accepting.await.unwrap().is_err(),
+        "the server saw a handshake"
+    );
+}
+
+/// The tunnel never holds a certificate with two URI SANs either: one issued that way is
+/// refused as unusable, even when one of them is the identity it was asked for.
+#[test]
+fn a_held_certificate_must_carry_one_uri_san() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Root::new(dir.path());
+    let orders = id("prod", "orders");
+    let (chain, key) = root.signed(
+        &[
+            &orders.to_string(),
+            "spiffe://cluster.local/ns/prod/sa/other",
+        ],
+        |_| {},
+    );
+    let err = WorkloadCertificate::new(orders, chain, key, &tls::provider())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("2 URI SANs") && err.contains("exactly one"),
+        "{err}"
+    );
+}
+
+/// A client-side test peer that accepts any server certificate, so the server's
+/// verifier is what the test exercises.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

@@ -129,6 +129,14 @@ pub async fn serve(addresses: Addresses, admin: Admin) -> Result<Servers, Error>
         let listener = TcpListener::bind(address).await.map_err(bind_error)?;
         let local = listener.local_addr().map_err(bind_error)?;
         info!(server = server.name(), address = %local, "listening");
+        if server == Server::Admin && !local.ip().is_loopback() {
+            warn!(
+                address = %local,
+                "the admin server is not on loopback: anyone who reaches {local} can read \
+                 /config_dump (workloads, policies, certificates); POST /logging is still \
+                 refused unless it comes from loopback"
+            );
+        }
         bound.push(local);
         tasks.push(tokio::spawn(accept(listener, server, admin.clone())));
     }
@@ -157,7 +165,7 @@ async fn accept(listener: TcpListener, server: Server, admin: Arc<Admin>) {
         connections.spawn(async move {
             let service = service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(handle(&admin, server, &req)) }
+                async move { Ok::<_, Infallible>(handle(&admin, server, peer, &req)) }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -182,7 +190,12 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
     r
 }
 
-fn handle(admin: &Admin, server: Server, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn handle(
+    admin: &Admin,
+    server: Server,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let method = req.method();
     match (server, path) {
@@ -191,6 +204,13 @@ fn handle(admin: &Admin, server: Server, req: &Request<Incoming>) -> Response<Fu
             Ok(f) => text(StatusCode::OK, format!("{f}\n")),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         },
+        (Server::Admin, "/logging") if method == Method::POST && !from_loopback(peer) => {
+            warn!(%peer, "POST /logging refused: not from loopback");
+            text(
+                StatusCode::FORBIDDEN,
+                format!("POST /logging is accepted from loopback only, not from {peer}\n"),
+            )
+        }
         (Server::Admin, "/logging") if method == Method::POST => set_log_level(admin, req),
         (Server::Readiness, "/healthz/ready") if method == Method::GET => ready(admin),
         (Server::Metrics, "/metrics") if method == Method::GET => metrics(admin),
@@ -211,6 +231,16 @@ fn handle(admin: &Admin, server: Server, req: &Request<Incoming>) -> Response<Fu
                 format!("no such endpoint {path}; this server has: {known}\n"),
             )
         }
+    }
+}
+
+/// Whether `peer` is on this host's loopback (an IPv4-mapped IPv6 loopback counts).
+fn from_loopback(peer: SocketAddr) -> bool {
+    match peer.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+        ip => ip.is_loopback(),
     }
 }
 

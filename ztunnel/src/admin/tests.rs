@@ -2,7 +2,6 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tracing_subscriber::layer::SubscriberExt;
 
 use super::*;
@@ -10,8 +9,22 @@ use crate::config;
 
 /// Sends one HTTP/1.1 request and returns the status code and the body.
 async fn request(addr: SocketAddr, method: &str, target: &str) -> (u16, String) {
+    request_from(None, addr, method, target).await
+}
+
+/// [`request`] from a socket bound to `source`.
+async fn request_from(
+    source: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+) -> (u16, String) {
     let exchange = async {
-        let mut s = TcpStream::connect(addr).await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(source) = source {
+            socket.bind(SocketAddr::new(source, 0)).unwrap();
+        }
+        let mut s = socket.connect(addr).await.unwrap();
         let req =
             format!("{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         s.write_all(req.as_bytes()).await.unwrap();
@@ -186,4 +199,70 @@ async fn a_taken_address_is_a_clear_error() {
         )),
         "{msg}"
     );
+}
+
+/// `POST /logging` changes what the tunnel logs: it is refused (403) unless it comes from
+/// loopback, even when the admin server listens elsewhere. Runs in a network namespace
+/// of its own (root) where 10.77.0.1 is a local, non-loopback address.
+#[test]
+fn post_logging_is_refused_unless_from_loopback() {
+    let outcome = std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("a network namespace of the test's own (the test needs root)");
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["addr", "add", "10.77.0.1/32", "dev", "lo"],
+        ] {
+            let status = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(status.success(), "ip {args:?}: {status}");
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (_layer, log) = LogControl::layer("info").unwrap();
+            let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
+            let servers = serve(
+                Addresses {
+                    admin: any,
+                    readiness: "127.0.0.1:0".parse().unwrap(),
+                    metrics: "127.0.0.1:0".parse().unwrap(),
+                },
+                Admin {
+                    state: State::new(),
+                    registry: Arc::new(Registry::default()),
+                    log: log.clone(),
+                    certificates: Arc::new(|| serde_json::Value::Null),
+                    readiness: Readiness::new(),
+                },
+            )
+            .await
+            .unwrap();
+            let outside: std::net::IpAddr = "10.77.0.1".parse().unwrap();
+            let admin = SocketAddr::new(outside, servers.admin.port());
+            let (code, body) =
+                request_from(Some(outside), admin, "POST", "/logging?level=trace").await;
+            assert_eq!(code, 403, "{body}");
+            assert!(
+                body.contains("loopback only") && body.contains("10.77.0.1"),
+                "{body}"
+            );
+            assert_eq!(log.current().unwrap(), "info");
+            // Reading is allowed from anywhere the server is reachable.
+            let (code, _) = request_from(Some(outside), admin, "GET", "/logging").await;
+            assert_eq!(code, 200);
+            let local = SocketAddr::new("127.0.0.1".parse().unwrap(), servers.admin.port());
+            let (code, body) = request(local, "POST", "/logging?level=debug").await;
+            assert_eq!(code, 200, "{body}");
+            assert_eq!(log.current().unwrap(), "debug");
+        });
+    })
+    .join();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
 }

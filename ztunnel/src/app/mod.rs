@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
+use rustls::crypto::CryptoProvider;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -27,7 +29,7 @@ use crate::hbone::Mtls;
 use crate::identity::{
     self, CertManager, CertificateAuthority, Identity, InProcessCa, TrustBundle, TrustStore,
 };
-use crate::kube::ca::{CaClient, CaClientConfig};
+use crate::kube::ca::{CaClient, CaClientConfig, verify_leaf};
 use crate::kube::discovery::{self, KubeSource};
 use crate::kube::pod_netns::{self, NetnsTracker, ProcScanner};
 use crate::netns::Netns;
@@ -76,7 +78,17 @@ impl Tunnel {
             }
         };
         let trust = TrustStore::from_file(&bundle_file)?;
-        let bundle_watch = trust.watch(|_| {})?;
+        let bundle_failures: Counter = Counter::default();
+        registry.register(
+            "ztunnel_trust_bundle_reload_failures",
+            "Trust bundle updates refused (file unreadable or malformed, an edit that drops the root of a held certificate, an unusable bundle from the CA); the bundle in force stays",
+            bundle_failures.clone(),
+        );
+        let failures = bundle_failures.clone();
+        // The watch logs each failure; the counter is what alerts.
+        let bundle_watch = trust.watch(move |_| {
+            failures.inc();
+        })?;
 
         let (ca, running): (Arc<dyn CertificateAuthority>, Running) = match source {
             Source::File(config) => {
@@ -95,6 +107,7 @@ impl Tunnel {
                 tasks.push(tokio::spawn(follow_bundle(
                     client.trust_bundle(),
                     trust.clone(),
+                    bundle_failures.clone(),
                 )));
                 let scanner = ProcScanner::new(&kube.proc_root);
                 let tracker =
@@ -116,7 +129,12 @@ impl Tunnel {
             }
         };
         let steered_only = matches!(running, Running::Kube(_));
-        let certs = CertManager::new(ca, provider, identity::Metrics::register(&mut registry));
+        let certs = CertManager::new(
+            ca,
+            provider.clone(),
+            identity::Metrics::register(&mut registry),
+        );
+        trust.check_edits(keeps_held_roots(certs.clone(), provider));
         identity::gauges::register(&mut registry, certs.clone(), trust.clone());
         admin::register_status(&mut registry, state.clone(), readiness.clone());
         let tls_metrics = tls::Metrics::register(&mut registry);
@@ -132,6 +150,9 @@ impl Tunnel {
         let mesh = StateMesh::new(state.clone());
         let proxy_config = proxy::Config {
             mark: Some(settings.socket_mark),
+            socks5_allowed_uids: settings.socks5_allowed_uids.clone(),
+            trusted_proxies: settings.trusted_proxies.clone(),
+            max_metric_series: settings.max_metric_series,
             ..proxy::Config::default()
         };
         let proxy = Proxy::new(
@@ -154,7 +175,15 @@ impl Tunnel {
                         error!(error = %e, "SOCKS5 listener stopped");
                     }
                 }));
-                info!(address = %bound, "SOCKS5 capture listening");
+                warn!(
+                    address = %bound,
+                    tunnel_uid = nix::unistd::geteuid().as_raw(),
+                    socks5_allowed_uids = ?settings.socks5_allowed_uids,
+                    "SOCKS5 CAPTURE IS ON: the test path for hosts without eBPF, not for \
+                     production. A process of the tunnel's user or of socks5AllowedUids \
+                     that connects from a workload's address is given that workload's \
+                     mTLS identity"
+                );
                 Some(bound)
             }
             None => None,
@@ -260,10 +289,44 @@ enum Running {
     Kube(#[allow(dead_code)] KubeSource),
 }
 
-/// Trusts what the cluster CA says is its bundle (roots rotate there first).
+/// The check of an edit of the trust bundle file: every certificate this tunnel holds
+/// (and that is valid now) must still chain to a root of the new bundle, or peers that
+/// take the same bundle would refuse it.
+fn keeps_held_roots(
+    certs: CertManager,
+    provider: Arc<CryptoProvider>,
+) -> impl Fn(&TrustBundle) -> Result<(), String> + Send + Sync + 'static {
+    move |bundle| {
+        let now = SystemTime::now();
+        let orphaned: Vec<String> = certs
+            .held()
+            .iter()
+            .filter(|cert| cert.is_valid_at(now))
+            .filter(|cert| {
+                let chain = &cert.certified_key().cert;
+                chain
+                    .first()
+                    .is_some_and(|leaf| verify_leaf(leaf, &chain[1..], bundle, &provider).is_err())
+            })
+            .map(|cert| format!("{} (serial {})", cert.identity(), cert.info().serial))
+            .collect();
+        if orphaned.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "no root of the new bundle ({} roots) signed the certificates held for {}",
+            bundle.roots().len(),
+            orphaned.join(", ")
+        ))
+    }
+}
+
+/// Trusts what the cluster CA says is its bundle (roots rotate there first: its
+/// bundles are the rotation's steps). An unusable one is counted in `failures`.
 async fn follow_bundle(
     mut bundle: watch::Receiver<Option<Arc<TrustBundle>>>,
     trust: Arc<TrustStore>,
+    failures: Counter,
 ) {
     while bundle.changed().await.is_ok() {
         let Some(current) = bundle.borrow_and_update().clone() else {
@@ -275,6 +338,7 @@ async fn follow_bundle(
                 trust.replace(copy);
             }
             Err(e) => {
+                failures.inc();
                 warn!(error = %e, "the CA's trust bundle is unusable; the one in force stays")
             }
         }

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::admin::LogFormat;
 use crate::identity::{CaFiles, Identity};
 use crate::policy::{Document, Labels, PathNormalization, Policy};
+use crate::proxy::DEFAULT_MAX_METRIC_SERIES;
 use crate::state::{
     L7Authorization, L7Settings, Resources, Service, ServicePort, Workload, speaks_http,
 };
@@ -81,6 +82,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// A SOCKS5 capture listener on a loopback address (no eBPF needed); off by default.
     pub socks5_address: Option<SocketAddr>,
+    /// Users, besides the tunnel's own, whose processes may use the SOCKS5 listener.
+    pub socks5_allowed_uids: Vec<u32>,
     /// How long open connections may finish after SIGTERM before they are closed.
     pub drain_grace_period_seconds: u64,
     /// Peers whose traffic is never steered, both ways (the node's own address, so the
@@ -91,6 +94,12 @@ pub struct Settings {
     /// Where HTTP rules are enforced and how request paths are normalized (in the
     /// file mode they apply on reload, as part of the mesh's resources).
     pub l7: L7Settings,
+    /// Peer identities whose `forwarded` header is logged as the source address even
+    /// when it is not the peer's own address (gateways, waypoints).
+    pub trusted_proxies: Vec<Identity>,
+    /// Series of each `istio_tcp_*` family at most; beyond it connections are counted
+    /// in an overflow series.
+    pub max_metric_series: usize,
 }
 
 /// A checked config file.
@@ -112,10 +121,13 @@ impl Settings {
             log_level: DEFAULT_LOG_LEVEL.to_string(),
             log_format: LogFormat::Text,
             socks5_address: None,
+            socks5_allowed_uids: Vec::new(),
             drain_grace_period_seconds: DEFAULT_DRAIN_GRACE_PERIOD_SECONDS,
             excluded_peers: Vec::new(),
             excluded_ports: Vec::new(),
             l7: L7Settings::default(),
+            trusted_proxies: Vec::new(),
+            max_metric_series: DEFAULT_MAX_METRIC_SERIES,
         }
     }
 }
@@ -170,6 +182,8 @@ struct File {
     #[serde(default)]
     log_format: LogFormat,
     socks5_address: Option<SocketAddr>,
+    #[serde(default)]
+    socks5_allowed_uids: Vec<u32>,
     #[serde(default = "default_drain_grace")]
     drain_grace_period_seconds: u64,
     #[serde(default)]
@@ -181,6 +195,10 @@ struct File {
     #[serde(default)]
     path_normalization: PathNormalization,
     #[serde(default)]
+    trusted_proxies: Vec<Identity>,
+    #[serde(default = "default_max_metric_series")]
+    max_metric_series: usize,
+    #[serde(default)]
     workloads: Vec<RawWorkload>,
     #[serde(default)]
     services: Vec<RawService>,
@@ -188,6 +206,9 @@ struct File {
     policies: Vec<Document>,
 }
 
+fn default_max_metric_series() -> usize {
+    DEFAULT_MAX_METRIC_SERIES
+}
 fn default_trust_domain() -> String {
     DEFAULT_TRUST_DOMAIN.to_string()
 }
@@ -342,6 +363,24 @@ impl Checker<'_> {
                 ),
             ));
         }
+        if file.socks5_address.is_none() && !file.socks5_allowed_uids.is_empty() {
+            return Err(self.invalid(
+                "socks5AllowedUids",
+                format!(
+                    "{:?} set without socks5Address: there is no SOCKS5 listener to allow them on",
+                    file.socks5_allowed_uids
+                ),
+            ));
+        }
+        if file.max_metric_series == 0 {
+            return Err(self.invalid(
+                "maxMetricSeries",
+                format!(
+                    "0 would leave no series for any connection (the default is \
+                     {DEFAULT_MAX_METRIC_SERIES})"
+                ),
+            ));
+        }
         if file.socket_mark == 0 {
             return Err(self.invalid(
                 "socketMark",
@@ -370,6 +409,7 @@ impl Checker<'_> {
             log_level: file.log_level,
             log_format: file.log_format,
             socks5_address: file.socks5_address,
+            socks5_allowed_uids: file.socks5_allowed_uids,
             drain_grace_period_seconds: file.drain_grace_period_seconds,
             excluded_peers: file.excluded_peers,
             excluded_ports: file.excluded_ports,
@@ -377,6 +417,8 @@ impl Checker<'_> {
                 authorization: file.l7_authorization,
                 path_normalization: file.path_normalization,
             },
+            trusted_proxies: file.trusted_proxies,
+            max_metric_series: file.max_metric_series,
             trust_domain: file.trust_domain,
             node: file.node,
             root_namespace: file.root_namespace,

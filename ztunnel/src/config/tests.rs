@@ -239,3 +239,51 @@ fn every_truncation_of_the_example_is_an_error_or_a_config_never_a_panic() {
     }
     assert!(rejected > 0);
 }
+
+#[test]
+fn trusted_proxies_max_metric_series_and_socks5_users_are_read() {
+    let c = parse_str(MINIMAL).unwrap();
+    assert!(c.settings.trusted_proxies.is_empty());
+    assert_eq!(c.settings.max_metric_series, 10_000);
+    assert!(c.settings.socks5_allowed_uids.is_empty());
+
+    let c = parse_str(
+        r#"
+node: node-a
+trustedProxies:
+- spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway
+- spiffe://cluster.local/ns/prod/sa/waypoint
+maxMetricSeries: 500
+socks5Address: 127.0.0.1:1080
+socks5AllowedUids: [1000, 1001]
+"#,
+    )
+    .unwrap();
+    let s = &c.settings;
+    assert_eq!(
+        s.trusted_proxies,
+        vec![
+            Identity::new("cluster.local", "istio-system", "istio-ingressgateway").unwrap(),
+            Identity::new("cluster.local", "prod", "waypoint").unwrap(),
+        ]
+    );
+    assert_eq!(s.max_metric_series, 500);
+    assert_eq!(s.socks5_allowed_uids, vec![1000, 1001]);
+
+    let err = |text: &str| parse_str(text).unwrap_err().to_string();
+    let e = err("node: a\nmaxMetricSeries: 0\n");
+    assert!(
+        e.contains("maxMetricSeries") && e.contains("no series"),
+        "{e}"
+    );
+    let e = err("node: a\ntrustedProxies: [istio-ingressgateway]\n");
+    assert!(
+        e.contains("trustedProxies") || e.contains("spiffe://"),
+        "{e}"
+    );
+    let e = err("node: a\nsocks5AllowedUids: [1000]\n");
+    assert!(
+        e.contains("socks5AllowedUids") && e.contains("without socks5Address"),
+        "{e}"
+    );
+}

@@ -64,6 +64,12 @@ impl Incoming {
         self
     }
 
+    /// Completes when the peer resets the stream before it is answered, with the
+    /// reason it gave.
+    pub async fn reset(&mut self) -> Result<h2::Reason, h2::Error> {
+        std::future::poll_fn(|cx| self.respond.poll_reset(cx)).await
+    }
+
     /// Answers 200 and returns the stream to copy bytes over.
     pub fn accept(mut self) -> Result<H2Stream> {
         let mut response = Response::new(());

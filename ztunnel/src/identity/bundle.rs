@@ -4,7 +4,7 @@
 //! new roots, and connections already established are not touched.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use std::time::Duration;
 
@@ -77,11 +77,13 @@ impl TrustBundle {
 
     /// Reads a bundle from a PEM file of one or more root certificates.
     pub fn from_file(path: &Path) -> Result<Self, Error> {
-        let contents = std::fs::read_to_string(path).map_err(|source| Error::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let roots = parse_pem_certificates(path, &contents)?;
+        let contents = read(path)?;
+        Self::from_pem(path, &contents)
+    }
+
+    /// A bundle from the PEM text of file `path`.
+    fn from_pem(path: &Path, contents: &str) -> Result<Self, Error> {
+        let roots = parse_pem_certificates(path, contents)?;
         TrustBundle::new(roots).map_err(|problem| Error::Malformed {
             path: path.to_path_buf(),
             problem,
@@ -97,10 +99,26 @@ impl TrustBundle {
     }
 }
 
+fn read(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The line (outside the PEM blocks) that marks a bundle file as the retire step of a
+/// rotation: the edit is applied even when it drops the root of certificates in use.
+pub const ROTATION_RETIRE_MARK: &str = "# rotation: retire";
+
+/// What a file edit must pass before its bundle replaces the one in force: the problem
+/// with the new bundle, if any.
+type EditCheck = Box<dyn Fn(&TrustBundle) -> Result<(), String> + Send + Sync>;
+
 /// The bundle in force, readable without locks, replaced when its file changes.
 pub struct TrustStore {
     current: ArcSwap<TrustBundle>,
     path: Option<PathBuf>,
+    edit_check: Mutex<Option<EditCheck>>,
 }
 
 impl TrustStore {
@@ -109,6 +127,7 @@ impl TrustStore {
         Arc::new(TrustStore {
             current: ArcSwap::from_pointee(bundle),
             path: None,
+            edit_check: Mutex::new(None),
         })
     }
 
@@ -118,6 +137,7 @@ impl TrustStore {
         Ok(Arc::new(TrustStore {
             current: ArcSwap::from_pointee(bundle),
             path: Some(path.to_path_buf()),
+            edit_check: Mutex::new(None),
         }))
     }
 
@@ -131,11 +151,41 @@ impl TrustStore {
         self.current.store(Arc::new(bundle));
     }
 
+    /// From now on, a file edit whose bundle fails `check` is refused (the tunnel sets
+    /// one that keeps the roots of the certificates it holds), unless the file carries
+    /// [`ROTATION_RETIRE_MARK`].
+    pub fn check_edits(
+        &self,
+        check: impl Fn(&TrustBundle) -> Result<(), String> + Send + Sync + 'static,
+    ) {
+        *self
+            .edit_check
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Box::new(check));
+    }
+
     /// Reads the file again. On error the bundle in force stays and the error is returned.
     pub fn reload(&self) -> Result<(), Error> {
-        if let Some(path) = &self.path {
-            self.replace(TrustBundle::from_file(path)?);
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let contents = read(path)?;
+        let bundle = TrustBundle::from_pem(path, &contents)?;
+        let retiring = contents.lines().any(|l| l.trim() == ROTATION_RETIRE_MARK);
+        if !retiring
+            && let Some(check) = &*self
+                .edit_check
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        {
+            check(&bundle).map_err(|problem| Error::BundleRefused {
+                path: path.clone(),
+                problem: format!(
+                    "{problem}; the bundle in force stays (a line `{ROTATION_RETIRE_MARK}` in the file applies it anyway, as the retire step of a rotation)"
+                ),
+            })?;
         }
+        self.replace(bundle);
         Ok(())
     }
 

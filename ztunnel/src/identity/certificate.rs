@@ -46,6 +46,34 @@ impl CertificateInfo {
     }
 }
 
+/// Why a certificate does not name exactly one SPIFFE identity.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UriSanError {
+    #[error("the certificate carries no SPIFFE identity (URI SANs: {0:?})")]
+    NoIdentity(Vec<String>),
+    #[error(
+        "the certificate carries {} URI SANs ({}); a SPIFFE certificate carries exactly one",
+        .0.len(),
+        .0.join(", ")
+    )]
+    Several(Vec<String>),
+}
+
+impl CertificateInfo {
+    /// The SPIFFE identity of the certificate: its one URI SAN. A certificate with more
+    /// than one URI SAN is refused whatever they are (SPIFFE X.509-SVID: exactly one), so
+    /// no reader can pick a different identity from the same certificate.
+    pub fn spiffe_identity(&self) -> Result<Identity, UriSanError> {
+        match self.uris.as_slice() {
+            [one] => one
+                .parse()
+                .map_err(|_| UriSanError::NoIdentity(self.uris.clone())),
+            [] => Err(UriSanError::NoIdentity(Vec::new())),
+            _ => Err(UriSanError::Several(self.uris.clone())),
+        }
+    }
+}
+
 /// A certificate chain (leaf first) for one identity, with its private key.
 pub struct WorkloadCertificate {
     identity: Identity,
@@ -70,10 +98,10 @@ impl WorkloadCertificate {
             .first()
             .ok_or_else(|| bad("the chain is empty".to_string()))?;
         let info = CertificateInfo::parse(leaf).map_err(bad)?;
-        let want = identity.to_string();
-        if !info.uris.contains(&want) {
+        let carried = info.spiffe_identity().map_err(|e| bad(e.to_string()))?;
+        if carried != identity {
             return Err(bad(format!(
-                "the leaf's URI SANs {:?} do not include {want}",
+                "the leaf's URI SANs {:?} do not include {identity}",
                 info.uris
             )));
         }

@@ -17,6 +17,8 @@ pub enum Error {
     },
     #[error("{}: {problem}", path.display())]
     Malformed { path: PathBuf, problem: String },
+    #[error("{}: edit refused: {problem}", path.display())]
+    BundleRefused { path: PathBuf, problem: String },
     #[error("cannot issue a certificate for {identity}: {problem}")]
     Issue { identity: Identity, problem: String },
     #[error("cannot issue a server certificate for {names:?}: {problem}")]

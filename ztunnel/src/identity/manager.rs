@@ -157,6 +157,17 @@ impl CertManager {
         }
     }
 
+    /// The certificates in force, one per identity held.
+    pub fn held(&self) -> Vec<Arc<WorkloadCertificate>> {
+        self.entries()
+            .values()
+            .filter_map(|e| match &*e.state.borrow() {
+                CertState::Ready(cert) => Some(cert.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Every identity held, with its certificate's details when one is in force.
     pub fn snapshot(&self) -> Vec<(Identity, Option<CertificateInfo>)> {
         let mut all: Vec<_> = self

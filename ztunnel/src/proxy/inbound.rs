@@ -3,13 +3,15 @@
 //! connect to the application, and the copy.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 
-use super::copy::{self, close_gracefully, reset_on_close};
+use super::copy::{self, CopyError, close_gracefully, reset_on_close};
 use super::metrics::{ConnectionRecord, Endpoints, RefusedReason, Reporter, SecurityPolicy};
+use super::pacing::ResetBudget;
 use super::{Error, LocalWorkload, Proxy, TUNNEL_PORTS, Verdict, telemetry};
 use crate::hbone::{self, Incoming};
 use crate::identity::Identity;
@@ -50,6 +52,8 @@ impl Proxy {
         };
         let stop = inner.drain.stop.clone();
         let proxy = self.clone();
+        let budget = Arc::new(ResetBudget::new(inner.config.reset_budget));
+        let identity = peer_identity.clone();
         let served =
             hbone::serve_connection(io, peer, &inner.config.server, stop, move |incoming| {
                 proxy.clone().inbound_stream(
@@ -57,14 +61,24 @@ impl Proxy {
                     local,
                     workload.clone(),
                     peer_identity.clone(),
+                    budget.clone(),
                 )
             })
             .await;
-        if let Err(e) = served {
-            if matches!(e, hbone::Error::RequestTimeout(_)) {
+        match served {
+            Ok(()) => {}
+            Err(hbone::Error::RequestTimeout(timeout)) => {
                 inner.metrics.refused(RefusedReason::Handshake);
+                debug!(%peer, ?timeout, "HBONE connection closed: no CONNECT request in time");
             }
-            debug!(%peer, error = %e, "HBONE connection ended");
+            Err(hbone::Error::H2 { source, .. }) => match refusal(&source) {
+                Some(reason) => {
+                    inner.metrics.refused(reason);
+                    info!(%peer, %identity, error = %source, "HBONE connection closed for what the peer sent");
+                }
+                None => debug!(%peer, error = %source, "HBONE connection ended"),
+            },
+            Err(e) => debug!(%peer, error = %e, "HBONE connection ended"),
         }
     }
 
@@ -76,8 +90,10 @@ impl Proxy {
         local: SocketAddr,
         workload: LocalWorkload,
         peer_identity: Identity,
+        budget: Arc<ResetBudget>,
     ) {
         let inner = &self.inner;
+        let mut incoming = incoming;
         let source_ip = incoming.peer.ip();
         let refuse = |incoming: Incoming, status, reason, error: Error| {
             inner.metrics.refused(reason);
@@ -138,6 +154,19 @@ impl Proxy {
                 .inbound_http_hbone(incoming, endpoints, workload, peer_identity)
                 .await;
         }
+        // A peer that has reset more streams than its budget waits for each upstream
+        // connect; giving up (another reset) costs it more.
+        if let Some(wait) = budget.delay() {
+            inner.metrics.connect_paced();
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                reset = incoming.reset() => {
+                    inner.metrics.stream_reset();
+                    budget.charge();
+                    return debug!(peer = %incoming.peer, ?reset, "HBONE stream reset while its connect was paced");
+                }
+            }
+        }
         let upstream = match inner
             .sockets
             .within(workload.netns.as_ref())
@@ -182,6 +211,10 @@ impl Proxy {
         if result.is_ok() {
             close_gracefully(&upstream);
         }
+        if result.as_ref().is_err_and(reset_by_peer) {
+            inner.metrics.stream_reset();
+            budget.charge();
+        }
         record.close(result.map_err(|e| e.to_string()));
     }
 
@@ -206,7 +239,31 @@ impl Proxy {
     }
 }
 
-/// The two ends of an accepted HBONE stream, for its metrics and access log.
+/// Whether a copy ended because the peer reset the stream (other than NO_ERROR, which
+/// ends an upload cleanly).
+fn reset_by_peer(error: &Error) -> bool {
+    match error {
+        Error::Copy(CopyError::Reset(reason)) => *reason != h2::Reason::NO_ERROR,
+        Error::Copy(CopyError::Stream(e)) => {
+            e.is_reset() && e.is_remote() && e.reason() != Some(h2::Reason::NO_ERROR)
+        }
+        _ => false,
+    }
+}
+
+/// The refusal an HTTP/2 error of an HBONE connection is, when the tunnel closed the
+/// connection (GOAWAY) for what the peer sent; `None` for the peer's own GOAWAY, a
+/// lost connection or a drain.
+fn refusal(error: &h2::Error) -> Option<RefusedReason> {
+    if !(error.is_go_away() && error.is_library()) {
+        return None;
+    }
+    Some(match error.reason() {
+        Some(h2::Reason::ENHANCE_YOUR_CALM) => RefusedReason::Http2Limit,
+        _ => RefusedReason::MalformedHttp2,
+    })
+}
+
 /// The endpoints of an inbound HBONE stream as metrics and logs name them: the
 /// source as the tunnel knows it (`telemetry::inbound_source`), the destination
 /// workload this connection arrived for.

@@ -69,6 +69,14 @@ pub enum RefusedReason {
     MalformedHttp,
     /// A client too slow to send its request headers.
     HeaderTimeout,
+    /// HBONE connections closed (GOAWAY) for HTTP/2 the peer got wrong after TLS: a bad
+    /// preface, frame or header block.
+    MalformedHttp2,
+    /// HBONE connections closed (GOAWAY ENHANCE_YOUR_CALM) for one of HTTP/2's abuse
+    /// limits: a header block far over the header list limit or spread over too many
+    /// CONTINUATION frames, or too many streams reset before they were accepted (h2
+    /// does not tell the connection which).
+    Http2Limit,
 }
 
 /// Label values as Istio (and Prometheus convention) spell them.
@@ -101,6 +109,8 @@ label_values! {
         RequestDenied => "request_denied",
         MalformedHttp => "malformed_http",
         HeaderTimeout => "header_timeout",
+        MalformedHttp2 => "malformed_http2",
+        Http2Limit => "http2_limit",
     }
 }
 
@@ -162,6 +172,8 @@ pub struct Metrics {
     open: Gauge,
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    stream_resets: Counter,
+    connects_paced: Counter,
 }
 
 impl Metrics {
@@ -184,6 +196,8 @@ impl Metrics {
             open: Gauge::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(duration_histogram),
+            stream_resets: Counter::default(),
+            connects_paced: Counter::default(),
         };
         let tcp = [
             (
@@ -214,6 +228,16 @@ impl Metrics {
             "ztunnel_connections_refused",
             "Connections or HBONE requests refused, by reason",
             metrics.refused.clone(),
+        );
+        registry.register(
+            "ztunnel_hbone_stream_resets",
+            "Inbound HBONE streams the peer reset (RST_STREAM other than NO_ERROR)",
+            metrics.stream_resets.clone(),
+        );
+        registry.register(
+            "ztunnel_hbone_upstream_connects_paced",
+            "Upstream connects held back because the HBONE connection's peer had reset more streams than its budget",
+            metrics.connects_paced.clone(),
         );
         registry.register(
             "ztunnel_metric_series_dropped",
@@ -318,6 +342,24 @@ impl Metrics {
 
     pub fn refused(&self, reason: RefusedReason) {
         self.refused.get_or_create(&RefusedLabels { reason }).inc();
+    }
+
+    pub(crate) fn stream_reset(&self) {
+        self.stream_resets.inc();
+    }
+
+    pub(crate) fn connect_paced(&self) {
+        self.connects_paced.inc();
+    }
+
+    /// Inbound HBONE streams the peer reset, since start.
+    pub fn stream_resets(&self) -> u64 {
+        self.stream_resets.get()
+    }
+
+    /// Upstream connects held back by a connection's reset budget, since start.
+    pub fn connects_paced(&self) -> u64 {
+        self.connects_paced.get()
     }
 
     /// How many refusals of `reason` were counted.

@@ -11,6 +11,7 @@ mod inbound_http;
 mod inbound_plaintext;
 pub mod metrics;
 mod outbound;
+mod pacing;
 mod socket;
 pub(crate) mod socks5;
 mod telemetry;
@@ -31,6 +32,7 @@ use crate::netns::Netns;
 
 pub use copy::CopyError;
 pub use metrics::{Metrics, RefusedReason};
+pub use pacing::{RESET_BURST, RESET_REFILL_PER_SECOND, ResetBudgetConfig};
 pub use socket::Sockets;
 
 /// Ports of the tunnel itself: a CONNECT to one of them would loop (answered 503).
@@ -156,6 +158,11 @@ pub struct Config {
     pub max_inbound_connections: usize,
     /// Deadline of the SOCKS5 greeting and request.
     pub socks5_timeout: Duration,
+    /// Users, besides the tunnel's own, whose processes may use the SOCKS5 listener.
+    pub socks5_allowed_uids: Vec<u32>,
+    /// Streams the peer of an inbound HBONE connection may reset before that
+    /// connection's upstream connects are paced, and the pace.
+    pub reset_budget: ResetBudgetConfig,
     /// Series of each `istio_tcp_*` family at most; connections beyond it are counted
     /// in an overflow series and in `ztunnel_metric_series_dropped_total`.
     pub max_metric_series: usize,
@@ -174,6 +181,8 @@ impl Default for Config {
             server: ServerConfig::default(),
             max_inbound_connections: 16 * 1024,
             socks5_timeout: Duration::from_secs(10),
+            socks5_allowed_uids: Vec::new(),
+            reset_budget: ResetBudgetConfig::default(),
             max_metric_series: DEFAULT_MAX_METRIC_SERIES,
             trusted_proxies: Vec::new(),
             http: crate::http::Config::default(),

@@ -1,6 +1,10 @@
 //! A SOCKS5 outbound listener (RFC 1928: no authentication, CONNECT, IPv4 and IPv6
-//! addresses): a capture path that needs neither eBPF nor root. The client's source
-//! address tells which local workload it is. Loopback only.
+//! addresses): the capture path for hosts without eBPF (tests, development machines),
+//! needing no root. The client's source address tells which local workload it is, so
+//! the listener is on loopback only, and a client is served only when the user owning
+//! its socket (the uid in `/proc/net/tcp`) is the tunnel's own or one of
+//! `socks5AllowedUids`: another local user who binds a workload's loopback address does
+//! not get that workload's identity.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -67,6 +71,11 @@ impl Proxy {
                 return self.socks_refused(tcp, client, None, error).await;
             }
         };
+        if let Err(error) = caller_allowed(&tcp, client, &inner.config.socks5_allowed_uids).await {
+            return self
+                .socks_refused(tcp, client, Some(Reply::NotAllowed), error)
+                .await;
+        }
         let Some(source) = inner.mesh.local_workload(client.ip()) else {
             let error = Error::NoWorkload(client.ip());
             return self
@@ -188,4 +197,137 @@ async fn send_reply<S: AsyncWrite + Unpin>(tcp: &mut S, reply: Reply) -> std::io
     // business.
     tcp.write_all(&[VERSION, reply as u8, 0, ATYP_V4, 0, 0, 0, 0, 0, 0])
         .await
+}
+
+/// Checks that the user owning the client's socket may use the listener: the tunnel's
+/// own user or one of `allowed`.
+async fn caller_allowed(tcp: &TcpStream, client: SocketAddr, allowed: &[u32]) -> Result<(), Error> {
+    let local = tcp.local_addr()?;
+    let uid = tokio::task::spawn_blocking(move || socket_owner(client, local))
+        .await
+        .map_err(|e| Error::Socks(format!("looking up the owner of {client}: {e}")))??;
+    let own = nix::unistd::geteuid().as_raw();
+    if uid == own || allowed.contains(&uid) {
+        return Ok(());
+    }
+    Err(Error::Socks(format!(
+        "the client {client} belongs to uid {uid}, which is neither the tunnel's ({own}) \
+         nor one of socks5AllowedUids {allowed:?}"
+    )))
+}
+
+/// The uid owning the client's end of the loopback connection `client` -> `local`, from
+/// the TCP table of this thread's network namespace (where the listener is).
+fn socket_owner(client: SocketAddr, local: SocketAddr) -> Result<u32, Error> {
+    let path = match client {
+        SocketAddr::V4(_) => "/proc/thread-self/net/tcp",
+        SocketAddr::V6(_) => "/proc/thread-self/net/tcp6",
+    };
+    let table = std::fs::read_to_string(path)
+        .map_err(|e| Error::Socks(format!("cannot read {path} to tell the client's user: {e}")))?;
+    owner_in_table(&table, client, local).ok_or_else(|| {
+        Error::Socks(format!(
+            "no socket {client} -> {local} in {path}: cannot tell the client's user"
+        ))
+    })
+}
+
+/// The `uid` column of the row of a `/proc/net/tcp{,6}` table whose local address is
+/// `client` and remote address `local`.
+pub(crate) fn owner_in_table(table: &str, client: SocketAddr, local: SocketAddr) -> Option<u32> {
+    table.lines().skip(1).find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let _slot = fields.next()?;
+        let from = proc_address(fields.next()?)?;
+        let to = proc_address(fields.next()?)?;
+        if from != client || to != local {
+            return None;
+        }
+        // st, tx_queue:rx_queue, tr:tm->when, retrnsmt, then uid.
+        fields.nth(4)?.parse().ok()
+    })
+}
+
+/// An address as `/proc/net/tcp` writes it: the IP as 32-bit words in hex, each in the
+/// host's byte order, then `:` and the port in hex.
+fn proc_address(text: &str) -> Option<SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |hex: &str| u32::from_str_radix(hex, 16).ok().map(u32::to_ne_bytes);
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(ip)?)),
+        32 => {
+            let mut octets = [0u8; 16];
+            for (i, chunk) in octets.chunks_mut(4).enumerate() {
+                chunk.copy_from_slice(&word(ip.get(i * 8..i * 8 + 8)?)?);
+            }
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An address as the kernel writes it in `/proc/net/tcp{,6}` on this host.
+    fn proc_hex(addr: SocketAddr) -> String {
+        let words: Vec<u32> = match addr.ip() {
+            IpAddr::V4(ip) => vec![u32::from_ne_bytes(ip.octets())],
+            IpAddr::V6(ip) => ip
+                .octets()
+                .chunks(4)
+                .map(|c| u32::from_ne_bytes(c.try_into().unwrap()))
+                .collect(),
+        };
+        let ip: String = words.iter().map(|w| format!("{w:08X}")).collect();
+        format!("{ip}:{:04X}", addr.port())
+    }
+
+    fn row(slot: usize, from: SocketAddr, to: SocketAddr, uid: u32) -> String {
+        format!(
+            "{slot:4}: {} {} 01 00000000:00000000 00:00000000 00000000 {uid:5}        0 {slot} 1 0 20 4 30 10 -1\n",
+            proc_hex(from),
+            proc_hex(to)
+        )
+    }
+
+    const HEADER: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+
+    #[test]
+    fn owner_is_read_from_the_clients_row() {
+        let listener: SocketAddr = "127.0.0.1:1080".parse().unwrap();
+        let client: SocketAddr = "127.0.0.2:41713".parse().unwrap();
+        let other: SocketAddr = "127.0.0.3:41713".parse().unwrap();
+        // The tunnel's accepted end (uid 0), then the client's end (uid 1000).
+        let table = format!(
+            "{HEADER}{}{}",
+            row(0, listener, client, 0),
+            row(1, client, listener, 1000)
+        );
+        assert_eq!(owner_in_table(&table, client, listener), Some(1000));
+        assert_eq!(owner_in_table(&table, listener, client), Some(0));
+        assert_eq!(owner_in_table(&table, other, listener), None);
+
+        let listener: SocketAddr = "[::1]:1080".parse().unwrap();
+        let client: SocketAddr = "[::1]:40001".parse().unwrap();
+        let table = format!("{HEADER}{}", row(0, client, listener, 1001));
+        assert_eq!(owner_in_table(&table, client, listener), Some(1001));
+
+        assert_eq!(owner_in_table(HEADER, client, listener), None);
+        let garbage = format!("{HEADER}   0: zz:zz 1:1 01\n   1: 0100007F:0438\n");
+        assert_eq!(owner_in_table(&garbage, client, listener), None);
+    }
+
+    /// The kernel's own table holds a connection made here, under this process's uid.
+    #[test]
+    fn owner_of_a_real_loopback_connection() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_accepted, _) = listener.accept().unwrap();
+        let owner = socket_owner(client.local_addr().unwrap(), client.peer_addr().unwrap());
+        assert_eq!(owner.unwrap(), nix::unistd::geteuid().as_raw());
+    }
 }

@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
 use super::verify::{IdentityError, identity_of};
-use crate::identity::Identity;
+use crate::identity::{Identity, UriSanError};
 
 /// Why a handshake failed, as counted in `ztunnel_tls_handshake_failures_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
@@ -32,6 +32,8 @@ pub enum FailureReason {
     identity_mismatch,
     /// The client's identity is in another trust domain.
     foreign_trust_domain,
+    /// The certificate carries more than one URI SAN (SPIFFE allows exactly one).
+    multiple_uri_sans,
     /// The certificate is not allowed for this use (extended key usage).
     wrong_key_usage,
     /// The certificate could not be used for another reason (encoding, signature...).
@@ -156,7 +158,7 @@ fn finish<S>(
 ) -> Result<S, HandshakeError> {
     let (reason, detail) = match result {
         Ok(Ok(stream)) => return Ok(stream),
-        Ok(Err(e)) => (classify(&e), e.to_string()),
+        Ok(Err(e)) => (classify(&e), describe(&e)),
         Err(_) => (
             FailureReason::timeout,
             format!("no handshake within {deadline:?}"),
@@ -179,12 +181,11 @@ fn peer_identity(
         )
     })?;
     identity_of(leaf).map_err(|e| {
-        fail(
-            side,
-            FailureReason::identity_mismatch,
-            e.to_string(),
-            metrics,
-        )
+        let reason = match e {
+            IdentityError::Uri(UriSanError::Several(_)) => FailureReason::multiple_uri_sans,
+            _ => FailureReason::identity_mismatch,
+        };
+        fail(side, reason, e.to_string(), metrics)
     })
 }
 
@@ -198,6 +199,24 @@ fn fail(side: Side, reason: FailureReason, detail: String, metrics: &Metrics) ->
         reason,
         side,
         detail,
+    }
+}
+
+/// What a failed handshake's error says, with the tunnel's own refusals (identity
+/// checks) in their words rather than rustls's debug form.
+fn describe(error: &std::io::Error) -> String {
+    let own = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .and_then(|tls| match tls {
+            rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
+                other.0.downcast_ref::<IdentityError>()
+            }
+            _ => None,
+        });
+    match own {
+        Some(refusal) => format!("invalid peer certificate: {refusal}"),
+        None => error.to_string(),
     }
 }
 
@@ -223,6 +242,7 @@ pub fn classify(error: &std::io::Error) -> FailureReason {
             }
             CertificateError::Other(other) => match other.0.downcast_ref::<IdentityError>() {
                 Some(IdentityError::ForeignTrustDomain { .. }) => foreign_trust_domain,
+                Some(IdentityError::Uri(UriSanError::Several(_))) => multiple_uri_sans,
                 Some(_) => identity_mismatch,
                 None => bad_certificate,
             },

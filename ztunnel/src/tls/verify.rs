@@ -13,13 +13,15 @@ use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
 };
 
-use crate::identity::{CertificateInfo, Identity, TrustStore};
+use crate::identity::{CertificateInfo, Identity, TrustStore, UriSanError};
 
 /// Why a chain that verified against the bundle is still refused.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum IdentityError {
-    #[error("peer certificate carries no SPIFFE identity (URI SANs: {0:?})")]
-    NoIdentity(Vec<String>),
+    #[error("peer certificate is not an X.509 certificate: {0}")]
+    Unparsable(String),
+    #[error("peer {0}")]
+    Uri(#[from] UriSanError),
     #[error("peer identity {presented} is none of the expected {}", join(expected))]
     Mismatch {
         presented: String,
@@ -39,13 +41,11 @@ fn join(ids: &[Identity]) -> String {
         .join(", ")
 }
 
-/// The SPIFFE identity in a leaf certificate's URI SANs.
+/// The SPIFFE identity of a leaf certificate: its one URI SAN (a leaf with several is
+/// refused).
 pub fn identity_of(leaf: &CertificateDer<'_>) -> Result<Identity, IdentityError> {
-    let info = CertificateInfo::parse(leaf).map_err(|_| IdentityError::NoIdentity(Vec::new()))?;
-    info.uris
-        .iter()
-        .find_map(|uri| uri.parse::<Identity>().ok())
-        .ok_or(IdentityError::NoIdentity(info.uris))
+    let info = CertificateInfo::parse(leaf).map_err(IdentityError::Unparsable)?;
+    Ok(info.spiffe_identity()?)
 }
 
 fn verify_chain(

@@ -267,7 +267,7 @@ fn read_token(path: &Path) -> Result<String, ClientError> {
 
 /// The chain and bundle of an answer, after checking that the leaf carries `identity`
 /// and chains up to one of the bundle's roots.
-fn check_answer(
+pub(super) fn check_answer(
     identity: &Identity,
     answer: &SignResponse,
     provider: &CryptoProvider,
@@ -279,10 +279,12 @@ fn check_answer(
     let bundle = TrustBundle::new(roots).map_err(|e| format!("trustBundle: {e}"))?;
     let leaf = &chain[0];
     let info = CertificateInfo::parse(leaf).map_err(|e| format!("certChain leaf: {e}"))?;
-    let want = identity.to_string();
-    if !info.uris.contains(&want) {
+    let carried = info
+        .spiffe_identity()
+        .map_err(|e| format!("certChain leaf: {e}"))?;
+    if &carried != identity {
         return Err(format!(
-            "the leaf's URI SANs ({}) do not include {want}",
+            "the leaf's URI SANs ({}) do not include {identity}",
             info.uris.join(", ")
         ));
     }

@@ -29,6 +29,7 @@ use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
 pub use authorize::{AuthError, Authorizer, AuthorizerConfig, Caller};
+pub(crate) use client::verify_leaf;
 pub use client::{CaClient, CaClientConfig, ClientError};
 pub use roots::{
     BUNDLE_CONFIG_MAP_KEY, Error as RootsError, NEXT_ROOT_CERT_KEY, NEXT_ROOT_KEY_KEY, RootSecret,

@@ -588,3 +588,36 @@ async fn root_store_creates_once_publishes_the_bundle_and_detects_conflicts() {
         "{err}"
     );
 }
+
+/// An answer whose leaf carries two URI SANs (the asked identity among them) is refused
+/// by the client, before it reaches the certificate manager.
+#[test]
+fn client_refuses_a_leaf_with_two_uri_sans() {
+    let root_key = rcgen::KeyPair::generate().unwrap();
+    let mut root = rcgen::CertificateParams::default();
+    root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let root_pem = root.self_signed(&root_key).unwrap().pem();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
+    let orders = id("prod", "orders");
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::default();
+    leaf.subject_alt_names = [orders.to_string(), id("kube-system", "admin").to_string()]
+        .iter()
+        .map(|u| rcgen::SanType::URI(u.as_str().try_into().unwrap()))
+        .collect();
+    leaf.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let leaf_pem = leaf.signed_by(&leaf_key, &issuer).unwrap().pem();
+    let answer = SignResponse {
+        cert_chain: leaf_pem,
+        trust_bundle: root_pem,
+    };
+    let err = super::client::check_answer(&orders, &answer, &crate::tls::provider()).unwrap_err();
+    assert!(
+        err.contains("2 URI SANs")
+            && err.contains("spiffe://cluster.local/ns/kube-system/sa/admin"),
+        "{err}"
+    );
+}
