@@ -20,6 +20,7 @@ pub const TARGETS: &[&str] = &[
     "istio_policy",
     "certificate_identity",
     "ca_sign_request",
+    "http_request",
 ];
 
 /// What one target's run did.
@@ -39,11 +40,24 @@ fn target_dir() -> PathBuf {
     workspace_root().join("target").join("fuzz")
 }
 
+/// How the targets are built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Build {
+    /// Optimized, for long runs: many more inputs per second.
+    Release,
+    /// Unoptimized, with overflow checks: builds in half the CPU time, for short runs.
+    Dev,
+}
+
 /// `cargo +nightly fuzz <subcommand>` for the targets' crate.
-fn cargo_fuzz(subcommand: &str) -> Command {
+fn cargo_fuzz(subcommand: &str, build: Build) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
-        .args(["+nightly", "fuzz", subcommand, "--fuzz-dir"])
+        .args(["+nightly", "fuzz", subcommand]);
+    if build == Build::Dev {
+        cmd.arg("--dev");
+    }
+    cmd.arg("--fuzz-dir")
         .arg(fuzz_dir())
         .arg("--target-dir")
         .arg(target_dir());
@@ -56,7 +70,7 @@ fn cargo_fuzz(subcommand: &str) -> Command {
 
 /// Builds the targets, runs each of `targets` for `seconds`, prints a summary and fails
 /// if any crashed.
-pub fn fuzz(seconds: u64, target: Option<&str>) -> Result<()> {
+pub fn fuzz(seconds: u64, target: Option<&str>, build: Build) -> Result<()> {
     let targets: Vec<&'static str> = match target {
         Some(name) => vec![
             TARGETS
@@ -70,14 +84,14 @@ pub fn fuzz(seconds: u64, target: Option<&str>) -> Result<()> {
         None => TARGETS.to_vec(),
     };
     let started = Instant::now();
-    run(&mut cargo_fuzz("build"))?;
+    run(&mut cargo_fuzz("build", build))?;
     eprintln!(
         "fuzz: targets built in {:.0} s",
         started.elapsed().as_secs_f64()
     );
     let mut outcomes = Vec::new();
     for target in targets {
-        outcomes.push(run_target(target, seconds)?);
+        outcomes.push(run_target(target, seconds, build)?);
     }
     println!(
         "{:<22} {:>8} {:>12} {:>8} {:>8}",
@@ -104,7 +118,7 @@ pub fn fuzz(seconds: u64, target: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn run_target(target: &'static str, seconds: u64) -> Result<Outcome> {
+fn run_target(target: &'static str, seconds: u64, build: Build) -> Result<Outcome> {
     let corpus = target_dir().join("corpus").join(target);
     let seeds = fuzz_dir().join("seeds").join(target);
     let artifacts = fuzz_dir().join("artifacts").join(target);
@@ -122,7 +136,7 @@ fn run_target(target: &'static str, seconds: u64) -> Result<Outcome> {
     );
     let started = Instant::now();
     // New inputs go to the first corpus directory only: the seeds stay as committed.
-    let status = cargo_fuzz("run")
+    let status = cargo_fuzz("run", build)
         .arg(target)
         .arg(&corpus)
         .arg(&seeds)

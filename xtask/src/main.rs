@@ -32,8 +32,8 @@ enum Task {
     BuildEbpf,
     /// Lint the eBPF programs with clippy (warnings are errors).
     LintEbpf,
-    /// Run setup when needed, lint the eBPF programs, then every test of the workspace
-    /// (root-only tests included).
+    /// Run setup when needed, lint the eBPF programs, run each fuzz target briefly, then
+    /// every test of the workspace (root-only tests included).
     Test {
         /// Extra arguments passed to `cargo test` (after `--` for test filters).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -101,7 +101,7 @@ fn main() -> Result<()> {
         Task::Fuzz { seconds, target } => {
             setup::run()?;
             setup::install_cargo_fuzz()?;
-            fuzz::fuzz(seconds, target.as_deref())
+            fuzz::fuzz(seconds, target.as_deref(), fuzz::Build::Release)
         }
         Task::Demo => {
             setup::run()?;
@@ -143,10 +143,19 @@ fn run_in_mesh(profile: &[&str], program: &str, args: &[String]) -> Result<()> {
         .args(args))
 }
 
+/// How long `cargo xtask test` runs each fuzz target (an unoptimized build, which takes
+/// half the release build's CPU time): the committed seeds replayed and a few thousand
+/// new inputs tried; `cargo xtask fuzz` fuzzes for real.
+const FUZZ_SECONDS_IN_TEST: u64 = 10;
+
 fn test(args: &[String]) -> Result<()> {
     setup::run()?;
     // The eBPF programs are outside the host workspace: lint them here so CI does.
     ztunnel_ebpf_build::clippy(&ztunnel_ebpf_build::programs_dir().join("target"))?;
+    // The fuzz targets are a crate of their own: without this they would not even be
+    // built. Before the tests, so that the tests' summary closes the output.
+    setup::install_cargo_fuzz()?;
+    fuzz::fuzz(FUZZ_SECONDS_IN_TEST, None, fuzz::Build::Dev)?;
     let mut cmd = Command::new(cargo());
     cmd.current_dir(workspace_root())
         .args(["test", "--workspace", "--locked"])

@@ -228,7 +228,7 @@ fn main() -> Result<()> {
         .iter()
         .find(|s| s.at >= warm_up)
         .context("no sample after the warm-up: run longer")?;
-    for n in 0..2 {
+    for (n, &(opened, closed, _, rejected)) in metrics.iter().enumerate() {
         let growth = after.rss_kb[n] as f64 / warm.rss_kb[n] as f64 - 1.0;
         if growth >= MAX_RSS_GROWTH {
             failures.push(format!(
@@ -245,7 +245,6 @@ fn main() -> Result<()> {
                 after.fds[n], warm.fds[n]
             ));
         }
-        let (opened, closed, _, rejected) = metrics[n];
         if opened != closed {
             failures.push(format!(
                 "node-{n} counted {opened} connections opened and {closed} closed"
