@@ -65,6 +65,10 @@ struct RunArgs {
         requires = "kube"
     )]
     ca_address: String,
+    /// The name the CA service's certificate must carry, when --ca-address is not that
+    /// name (an IP address, or another name of the same service).
+    #[arg(long, requires = "kube")]
+    ca_server_name: Option<String>,
     /// The projected ServiceAccount token the CA authenticates the tunnel by.
     #[arg(
         long,
@@ -88,6 +92,9 @@ struct RunArgs {
         requires = "kube"
     )]
     trust_bundle: PathBuf,
+    /// Where the eBPF programs and maps are pinned (a restarted tunnel takes them over).
+    #[arg(long, default_value = ztunnel::config::DEFAULT_BPF_PIN_ROOT, requires = "kube")]
+    bpf_pin_root: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -204,6 +211,7 @@ fn run_tunnel(args: RunArgs, log_format: Option<LogFormat>) -> Result<()> {
             settings.trust_domain = args.trust_domain;
             settings.root_namespace = args.root_namespace;
             settings.trust_bundle_file = Some(args.trust_bundle);
+            settings.bpf_pin_root = args.bpf_pin_root;
             settings.excluded_peers = args
                 .exclude_peers
                 .iter()
@@ -222,7 +230,7 @@ fn run_tunnel(args: RunArgs, log_format: Option<LogFormat>) -> Result<()> {
                 .map(|(h, _)| h)
                 .unwrap_or(&args.ca_address);
             let ca = ztunnel::kube::ca::CaClientConfig {
-                server_name: host.to_string(),
+                server_name: args.ca_server_name.unwrap_or_else(|| host.to_string()),
                 address: args.ca_address.clone(),
                 token_file: args.ca_token_file,
                 timeout: Duration::from_secs(10),
