@@ -171,6 +171,8 @@ impl ApiServer {
             // No controller manager makes ServiceAccount token Secrets, which this
             // admission plugin would wait for; pods name their ServiceAccount anyway.
             "--disable-admission-plugins=ServiceAccount".into(),
+            // The DaemonSet is privileged, as kubeadm and kind clusters allow.
+            "--allow-privileged=true".into(),
             "--profiling=false".into(),
         ];
         let kubeconfig = path.join("kubeconfig");
