@@ -479,6 +479,9 @@ impl KubeTunnel {
             .arg(&bundle)
             .arg("--bpf-pin-root")
             .arg(pins)
+            // The node's namespace (the tunnel's own) stands for the host's: PID 1's
+            // is not the simulated node's, and may not be readable.
+            .args(["--host-netns", "/proc/self/ns/net"])
             .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", "info")
             .env_remove("HOST_IP")

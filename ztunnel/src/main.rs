@@ -58,6 +58,10 @@ struct RunArgs {
     /// Where the host's /proc is mounted (pods' network namespaces are found there).
     #[arg(long, default_value = "/proc", requires = "kube")]
     proc_root: PathBuf,
+    /// The host's network namespace as a `/proc/<pid>/ns/net` link (pods sharing it are
+    /// never enrolled), where PID 1's cannot be read; default `<proc-root>/1/ns/net`.
+    #[arg(long, requires = "kube")]
+    host_netns: Option<PathBuf>,
     /// The cluster CA service, HOST:PORT; HOST must be in its certificate.
     #[arg(
         long,
@@ -240,6 +244,7 @@ fn run_tunnel(args: RunArgs, log_format: Option<LogFormat>) -> Result<()> {
                 client,
                 settings,
                 proc_root: args.proc_root,
+                host_netns: args.host_netns,
                 ca,
             };
             (app::Source::Kube(kube), level, LogFormat::default())
