@@ -22,6 +22,15 @@ use ztunnel_tests::{
     remove_pin_root_if_empty, strip_colours, ztunnel_binary,
 };
 
+/// Prints `check: ...` on the test's standard error, uncaptured, so `cargo test` shows
+/// every check of this tier as it passes.
+macro_rules! check {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "check: {}", format_args!($($arg)*));
+    }};
+}
+
 fn workspace_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -51,7 +60,7 @@ fn apply_deploy(server: &ApiServer) -> Result<()> {
 fn deploy_manifests_crds_and_example_policies_are_accepted() -> Result<()> {
     let server = ApiServer::start()?;
     apply_deploy(&server)?;
-    eprintln!("check: kubectl apply -k deploy/ and the examples accepted");
+    check!("kubectl apply -k deploy/ and the examples accepted");
 
     for crd in ["peerauthentications", "authorizationpolicies"] {
         let versions = server.kubectl_ok(&[
@@ -69,7 +78,7 @@ fn deploy_manifests_crds_and_example_policies_are_accepted() -> Result<()> {
             ])?;
         }
     }
-    eprintln!("check: both CRDs serve v1 and v1beta1");
+    check!("both CRDs serve v1 and v1beta1");
 
     // The example policies are stored as written.
     let modes = server.kubectl_ok(&[
@@ -97,7 +106,7 @@ fn deploy_manifests_crds_and_example_policies_are_accepted() -> Result<()> {
     ])?;
     let old: Value = serde_json::from_str(&old)?;
     assert_eq!(old["spec"]["mtls"]["mode"], "PERMISSIVE");
-    eprintln!("check: the example policies pass the schema; v1beta1 objects read as v1");
+    check!("the example policies pass the schema; v1beta1 objects read as v1");
 
     // The schema refuses a bad mode, naming the field.
     let err = server
@@ -110,7 +119,7 @@ fn deploy_manifests_crds_and_example_policies_are_accepted() -> Result<()> {
         err.contains("spec.mtls.mode") && err.contains("STRICTLY"),
         "{err}"
     );
-    eprintln!("check: a bad mtls.mode is refused by the CRD schema");
+    check!("a bad mtls.mode is refused by the CRD schema");
     Ok(())
 }
 
@@ -330,7 +339,7 @@ fn ca_issues_for_a_pod_bound_tunnel_token_and_refuses_the_others() -> Result<()>
         .port();
     let ca = CaProcess::start(&server, SocketAddr::from(([127, 0, 0, 1], port)))?;
     trust_bundle(&server)?;
-    eprintln!("check: the CA created its root and published an LF-terminated trust bundle");
+    check!("the CA created its root and published an LF-terminated trust bundle");
     let payments_id = "spiffe://cluster.local/ns/finance/sa/payments";
 
     let good = server.token(
@@ -346,7 +355,7 @@ fn ca_issues_for_a_pod_bound_tunnel_token_and_refuses_the_others() -> Result<()>
         chain.starts_with("-----BEGIN CERTIFICATE-----\n"),
         "{chain}"
     );
-    eprintln!("check: the CA issues for a real pod-bound tunnel token (TokenReview)");
+    check!("the CA issues for a real pod-bound tunnel token (TokenReview)");
 
     let refusals = [
         (
@@ -395,7 +404,7 @@ fn ca_issues_for_a_pod_bound_tunnel_token_and_refuses_the_others() -> Result<()>
             code == want_code && error.contains(want),
             "{what}: {code} {answer}, wanted {want_code} with {want:?}"
         );
-        eprintln!("check: the CA refuses {what}: {code} {error}");
+        check!("the CA refuses {what}: {code} {error}");
     }
 
     // A token whose pod is deleted no longer authenticates.
@@ -416,10 +425,10 @@ fn ca_issues_for_a_pod_bound_tunnel_token_and_refuses_the_others() -> Result<()>
     ])?;
     let (code, answer) = ca.sign(&server, &gone, payments_id)?;
     assert_eq!(code, 401, "{answer}");
-    eprintln!("check: the CA refuses a token whose pod was deleted: {code} {answer}");
+    check!("the CA refuses a token whose pod was deleted: {code} {answer}");
 
     no_forbidden("the CA", &ca.log());
-    eprintln!("check: no forbidden errors in the CA's log");
+    check!("no forbidden errors in the CA's log");
     Ok(())
 }
 
@@ -764,8 +773,8 @@ impl KubeMesh {
                 apps.push(Echo::start(pod, ports)?);
             }
         }
-        eprintln!(
-            "check: deploy/ and the examples applied; 2 Nodes and 5 pods bound to them, \
+        check!(
+            "deploy/ and the examples applied; 2 Nodes and 5 pods bound to them, \
              their sandboxes in the pods' namespaces and kubepods cgroups"
         );
         let ca = CaProcess::start(&server, SocketAddr::new(CONTROL_PLANE.into(), CA_PORT))?;
@@ -814,7 +823,7 @@ impl KubeMesh {
         if !self.app(to).got(msg.as_bytes()) {
             bail!("{msg}: echoed but the application did not see it");
         }
-        eprintln!("check: allowed, {msg}");
+        check!("allowed, {msg}");
         Ok(())
     }
 
@@ -829,7 +838,7 @@ impl KubeMesh {
         if self.app(to).got(msg.as_bytes()) {
             bail!("{msg}: refused, but the application received it");
         }
-        eprintln!("check: refused, {msg}");
+        check!("refused, {msg}");
         Ok(())
     }
 }
@@ -870,8 +879,8 @@ async fn tunnels_in_kubernetes_mode_follow_a_real_api_server_and_enforce_the_see
             );
         }
     }
-    eprintln!(
-        "check: both tunnels ready with their ServiceAccount's token: all six resources \
+    check!(
+        "both tunnels ready with their ServiceAccount's token: all six resources \
          listed and watched (EndpointSlices as discovery.k8s.io/v1beta1 on 1.20)"
     );
 
@@ -911,8 +920,8 @@ async fn tunnels_in_kubernetes_mode_follow_a_real_api_server_and_enforce_the_see
         "the CA issued {issued} certificates:\n{}",
         mesh.ca.log()
     );
-    eprintln!(
-        "check: the meshed pods enrolled on their nodes (found in /proc by pod UID) and \
+    check!(
+        "the meshed pods enrolled on their nodes (found in /proc by pod UID) and \
          certified by the CA through TokenReviews ({issued} certificates issued)"
     );
 
@@ -973,7 +982,7 @@ async fn tunnels_in_kubernetes_mode_follow_a_real_api_server_and_enforce_the_see
         9090,
     )
     .await?;
-    eprintln!("check: a policy applied with kubectl apply closed the open connection it denies");
+    check!("a policy applied with kubectl apply closed the open connection it denies");
     mesh.server.kubectl_ok(&[
         "delete",
         "authorizationpolicy",
@@ -1016,7 +1025,7 @@ async fn tunnels_in_kubernetes_mode_follow_a_real_api_server_and_enforce_the_see
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
-    eprintln!("check: the API server restarted; both tunnels counted the watch errors and resumed");
+    check!("the API server restarted; both tunnels counted the watch errors and resumed");
 
     // A pod deleted after the restart: it leaves both tunnels' state and its node drops
     // its certificate.
@@ -1059,9 +1068,7 @@ async fn tunnels_in_kubernetes_mode_follow_a_real_api_server_and_enforce_the_see
             .any(|c| c.ends_with("/sa/payments")),
         "payments' certificate went with ledger's"
     );
-    eprintln!(
-        "check: a pod deleted after the restart left both tunnels, and its certificate was dropped"
-    );
+    check!("a pod deleted after the restart left both tunnels, and its certificate was dropped");
     mesh.allowed("after the API server restart", "orders", "payments", 9090)
         .await?;
 
@@ -1069,8 +1076,6 @@ async fn tunnels_in_kubernetes_mode_follow_a_real_api_server_and_enforce_the_see
         no_forbidden(&format!("the tunnel of {}", tunnel.node), &tunnel.log());
     }
     no_forbidden("the CA", &mesh.ca.log());
-    eprintln!(
-        "check: no forbidden errors in the tunnels' and the CA's logs (their RBAC is enough)"
-    );
+    check!("no forbidden errors in the tunnels' and the CA's logs (their RBAC is enough)");
     Ok(())
 }
