@@ -94,8 +94,8 @@ pub fn run() -> Result<()> {
         )?;
     }
     eprintln!(
-        "setup: building kube-apiserver {KUBE_VERSION} (Go, GOPATH mode; about 8 minutes of \
-         CPU on 2 cores), log in {}",
+        "setup: building kube-apiserver {KUBE_VERSION} (Go, GOPATH mode; about 6 minutes of CPU, \
+         3 on a quiet 2-core machine), log in {}",
         dir.join("build.log").display()
     );
     let log_path = dir.join("build.log");
