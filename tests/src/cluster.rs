@@ -435,7 +435,7 @@ fn sweep_orphans() {
 /// A pin directory for this process under the default pin root, named so that
 /// [`Cluster::builder`]'s sweep removes it once this process is gone (a test killed
 /// with SIGKILL never cleans up after itself).
-pub(crate) fn pin_dir(suffix: &str) -> PathBuf {
+pub fn pin_dir(suffix: &str) -> PathBuf {
     Path::new(DEFAULT_PIN_ROOT).join(format!("{PREFIX}{}-{suffix}", std::process::id()))
 }
 

@@ -8,12 +8,18 @@
 //! # drop(out); Ok(()) }
 //! ```
 
+mod apiserver;
 pub mod capture;
 mod cluster;
 pub mod load;
 mod mesh;
 
+pub use apiserver::{
+    ApiServer, PodObject, PodSandbox, SERVICE_ACCOUNT_ISSUER, command_in, kube_apiserver_binary,
+};
 pub use capture::{Capture, contains};
-pub use cluster::{Cluster, ClusterBuilder, Node, Pod, remove_pin_root_if_empty, require_root};
-pub use mesh::{Mesh, PodSpec, SEED_POLICIES, ztunnel_binary};
+pub use cluster::{
+    Cluster, ClusterBuilder, Node, Pod, pin_dir, remove_pin_root_if_empty, require_root,
+};
+pub use mesh::{Mesh, PodSpec, SEED_POLICIES, http_get, strip_colours, ztunnel_binary};
 pub use ztunnel;

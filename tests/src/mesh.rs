@@ -299,24 +299,30 @@ impl Mesh {
 
     /// A plain HTTP/1.0 GET to a server of node `n`'s tunnel: status and body.
     async fn get(&self, n: usize, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-        let netns = Netns::open(&self.nodes[n].netns)?;
-        let mut tcp = netns.connect(None, addr, 0).await?;
-        tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
-        let mut response = String::new();
-        tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut response))
-            .await
-            .context("no answer within 5 s")??;
-        let status = response
-            .get(9..12)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
+        http_get(&self.nodes[n].netns, addr, path).await
     }
+}
+
+/// A plain HTTP/1.0 GET to `addr` from inside the network namespace `netns` (a
+/// tunnel's admin, readiness or metrics server): status and body.
+pub async fn http_get(netns: &Path, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let netns = Netns::open(netns)?;
+    let mut tcp = netns.connect(None, addr, 0).await?;
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut response))
+        .await
+        .context("no answer within 5 s")??;
+    let status = response
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 impl Drop for Mesh {
@@ -432,7 +438,7 @@ pub fn ztunnel_binary() -> Result<PathBuf> {
 }
 
 /// `text` without ANSI SGR sequences (`ESC [ ... m`).
-fn strip_colours(text: &str) -> String {
+pub fn strip_colours(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars();
     while let Some(c) = chars.next() {

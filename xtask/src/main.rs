@@ -7,6 +7,7 @@
 //! and `lint-ebpf` build and lint the eBPF programs (ebpf/programs, a workspace of its
 //! own that host builds cannot compile).
 
+mod apiserver;
 mod fuzz;
 mod setup;
 
@@ -25,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what a fresh machine lacks: nightly rust-src, bpf-linker (LLVM 22), Debian
-    /// tools, helm.
+    /// tools, helm, etcd, and kube-apiserver built from Debian's source (once, cached).
     Setup,
     /// Build the eBPF object (ebpf/programs) and print its path. `cargo build` of the
     /// ztunnel crate does the same on its own and embeds the object.
@@ -75,7 +76,10 @@ enum Task {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Task::Setup => setup::run(),
+        Task::Setup => {
+            setup::run()?;
+            apiserver::run()
+        }
         Task::BuildEbpf => {
             setup::run()?;
             let target_dir = ztunnel_ebpf_build::programs_dir().join("target");
@@ -148,17 +152,38 @@ fn run_in_mesh(profile: &[&str], program: &str, args: &[String]) -> Result<()> {
 /// new inputs tried; `cargo xtask fuzz` fuzzes for real.
 const FUZZ_SECONDS_IN_TEST: u64 = 10;
 
+/// Setup, then every fuzz target briefly, then every test. When `kube-apiserver` is not
+/// built yet (a fresh machine), its build runs beside the Rust builds, and the tests
+/// start once both are done.
 fn test(args: &[String]) -> Result<()> {
     setup::run()?;
+    let apiserver_build = if apiserver::installed() {
+        None
+    } else {
+        Some(std::thread::spawn(apiserver::run))
+    };
     // The eBPF programs are outside the host workspace: lint them here so CI does.
-    ztunnel_ebpf_build::clippy(&ztunnel_ebpf_build::programs_dir().join("target"))?;
-    // The fuzz targets are a crate of their own: without this they would not even be
-    // built. Before the tests, so that the tests' summary closes the output.
-    setup::install_cargo_fuzz()?;
-    fuzz::fuzz(FUZZ_SECONDS_IN_TEST, None, fuzz::Build::Dev)?;
+    let built = ztunnel_ebpf_build::clippy(&ztunnel_ebpf_build::programs_dir().join("target"))
+        .and_then(|()| {
+            run(Command::new(cargo())
+                .current_dir(workspace_root())
+                .args(["test", "--workspace", "--locked", "--no-run"])
+                .args(args))
+        })
+        // The fuzz targets are a crate of their own: without this they would not even
+        // be built. Before the tests, so that the tests' summary closes the output.
+        .and_then(|()| setup::install_cargo_fuzz())
+        .and_then(|()| fuzz::fuzz(FUZZ_SECONDS_IN_TEST, None, fuzz::Build::Dev));
+    if let Some(build) = apiserver_build {
+        build
+            .join()
+            .map_err(|_| anyhow::anyhow!("the kube-apiserver build panicked"))??;
+    }
+    built?;
     let mut cmd = Command::new(cargo());
     cmd.current_dir(workspace_root())
         .args(["test", "--workspace", "--locked"])
+        .env("ZTUNNEL_KUBE_APISERVER", apiserver::binary())
         .args(args);
     run(&mut cmd)
 }

@@ -58,6 +58,10 @@ struct RunArgs {
     /// Where the host's /proc is mounted (pods' network namespaces are found there).
     #[arg(long, default_value = "/proc", requires = "kube")]
     proc_root: PathBuf,
+    /// The host's network namespace as a `/proc/<pid>/ns/net` link (pods sharing it are
+    /// never enrolled), where PID 1's cannot be read; default `<proc-root>/1/ns/net`.
+    #[arg(long, requires = "kube")]
+    host_netns: Option<PathBuf>,
     /// The cluster CA service, HOST:PORT; HOST must be in its certificate.
     #[arg(
         long,
@@ -65,6 +69,10 @@ struct RunArgs {
         requires = "kube"
     )]
     ca_address: String,
+    /// The name the CA service's certificate must carry, when --ca-address is not that
+    /// name (an IP address, or another name of the same service).
+    #[arg(long, requires = "kube")]
+    ca_server_name: Option<String>,
     /// The projected ServiceAccount token the CA authenticates the tunnel by.
     #[arg(
         long,
@@ -88,6 +96,9 @@ struct RunArgs {
         requires = "kube"
     )]
     trust_bundle: PathBuf,
+    /// Where the eBPF programs and maps are pinned (a restarted tunnel takes them over).
+    #[arg(long, default_value = ztunnel::config::DEFAULT_BPF_PIN_ROOT, requires = "kube")]
+    bpf_pin_root: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -204,6 +215,7 @@ fn run_tunnel(args: RunArgs, log_format: Option<LogFormat>) -> Result<()> {
             settings.trust_domain = args.trust_domain;
             settings.root_namespace = args.root_namespace;
             settings.trust_bundle_file = Some(args.trust_bundle);
+            settings.bpf_pin_root = args.bpf_pin_root;
             settings.excluded_peers = args
                 .exclude_peers
                 .iter()
@@ -222,7 +234,7 @@ fn run_tunnel(args: RunArgs, log_format: Option<LogFormat>) -> Result<()> {
                 .map(|(h, _)| h)
                 .unwrap_or(&args.ca_address);
             let ca = ztunnel::kube::ca::CaClientConfig {
-                server_name: host.to_string(),
+                server_name: args.ca_server_name.unwrap_or_else(|| host.to_string()),
                 address: args.ca_address.clone(),
                 token_file: args.ca_token_file,
                 timeout: Duration::from_secs(10),
@@ -232,6 +244,7 @@ fn run_tunnel(args: RunArgs, log_format: Option<LogFormat>) -> Result<()> {
                 client,
                 settings,
                 proc_root: args.proc_root,
+                host_netns: args.host_netns,
                 ca,
             };
             (app::Source::Kube(kube), level, LogFormat::default())

@@ -109,7 +109,10 @@ impl Tunnel {
                     trust.clone(),
                     bundle_failures.clone(),
                 )));
-                let scanner = ProcScanner::new(&kube.proc_root);
+                let mut scanner = ProcScanner::new(&kube.proc_root);
+                if let Some(link) = &kube.host_netns {
+                    scanner = scanner.with_host_netns(link);
+                }
                 let tracker =
                     NetnsTracker::new(scanner, pod_netns::Metrics::register(&mut registry));
                 let discovery = KubeSource::start(
@@ -271,6 +274,9 @@ pub struct KubeOptions {
     pub settings: Settings,
     /// Where the host's /proc is mounted, to find pods' network namespaces.
     pub proc_root: PathBuf,
+    /// The host's network namespace, whose pods are never enrolled (default
+    /// `<proc_root>/1/ns/net`).
+    pub host_netns: Option<PathBuf>,
     pub ca: CaClientConfig,
 }
 
