@@ -43,6 +43,8 @@ pub struct PodSpec {
     pub app: String,
     /// Outside the mesh: never enrolled, plaintext only.
     pub meshed: bool,
+    /// The ports the workload declares HTTP (`httpPorts`), if it declares any.
+    pub http_ports: Option<Vec<u16>>,
     node: usize,
     netns: PathBuf,
     ips: Vec<std::net::IpAddr>,
@@ -57,6 +59,7 @@ impl PodSpec {
             service_account: service_account.to_string(),
             app: service_account.to_string(),
             meshed: true,
+            http_ports: None,
             node: pod.node_index(),
             netns: pod.netns_path(),
             ips: pod.ips(),
@@ -66,6 +69,13 @@ impl PodSpec {
     /// The same pod, outside the mesh.
     pub fn unmeshed(mut self) -> PodSpec {
         self.meshed = false;
+        self
+    }
+
+    /// The same pod, declaring `ports` HTTP: its tunnel decides HTTP requests to them
+    /// one by one when a policy has HTTP rules.
+    pub fn http_ports(mut self, ports: &[u16]) -> PodSpec {
+        self.http_ports = Some(ports.to_vec());
         self
     }
 
@@ -378,6 +388,10 @@ workloads:
             cluster.node(pod.node).name(),
             pod.meshed,
         );
+        if let Some(ports) = &pod.http_ports {
+            let ports: Vec<String> = ports.iter().map(ToString::to_string).collect();
+            let _ = writeln!(text, "  httpPorts: [{}]", ports.join(", "));
+        }
         if pod.node == node {
             let _ = writeln!(text, "  netns: {}", pod.netns.display());
         }
