@@ -65,7 +65,7 @@ pub enum RefusedReason {
     Socks,
     /// An HTTP request denied by policy on a port enforced per request.
     RequestDenied,
-    /// Malformed HTTP (answered 400 or 431): it never reached the application.
+    /// Malformed HTTP (answered 400): it never reached the application.
     MalformedHttp,
     /// A client too slow to send its request headers.
     HeaderTimeout,
