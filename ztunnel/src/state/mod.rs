@@ -594,6 +594,7 @@ impl Snapshot {
             return Decision {
                 allowed: false,
                 policy: None,
+                rule: None,
                 reason: format!("no workload owns destination {}", dst.ip()),
                 audit: Vec::new(),
                 dry_run: Vec::new(),
@@ -640,6 +641,7 @@ impl Snapshot {
                 return Decision {
                     allowed: false,
                     policy: None,
+                    rule: None,
                     reason: format!("{} {target}: {e}", request.method),
                     audit: Vec::new(),
                     dry_run: Vec::new(),
