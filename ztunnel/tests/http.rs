@@ -398,3 +398,51 @@ async fn pipelined_requests_are_answered_in_order() {
     assert!(one < denied && denied < two, "{answer:?}");
     assert_eq!(*seen.lock().unwrap(), ["GET /one", "GET /two"]);
 }
+
+#[tokio::test]
+async fn request_series_are_capped() {
+    let config = Config {
+        max_metric_series: 2,
+        ..Config::default()
+    };
+    let pair = Pair::new(68, config).await;
+    let (app, _seen) = app(&pair).await;
+    pair.mesh.deny_path(app, "/admin");
+    let mut send = http1(&pair, app).await;
+    // Two series, 200 and 403 (a second 403 is counted in the same one).
+    assert_eq!(get(&mut send, "/a").await.0, StatusCode::OK);
+    assert_eq!(get(&mut send, "/admin").await.0, StatusCode::FORBIDDEN);
+    assert_eq!(get(&mut send, "/admin/2").await.0, StatusCode::FORBIDDEN);
+    let metrics = pair.server.proxy.metrics();
+    assert_eq!(metrics.request_series_count(), 2);
+    assert_eq!(metrics.series_dropped(), 0);
+
+    let tcp = pair.connect(app).await.expect("captured connection");
+    let (mut h2, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(connection);
+    // gRPC makes a third kind: counted in the overflow series.
+    for _ in 0..3 {
+        let response = h2
+            .send_request(
+                Request::post("http://payments/pkg.Service/Method")
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let body = response.into_body().collect().await.unwrap();
+        assert_eq!(body.trailers().unwrap()["grpc-status"], "0");
+    }
+    assert_eq!(metrics.series_dropped(), 3);
+    assert_eq!(
+        metrics.request_series_count(),
+        3,
+        "2 and one overflow series"
+    );
+    pair.server.assert_metric("istio_requests_total{reporter=\"destination\",source_workload=\"unknown\",source_workload_namespace=\"unknown\",source_principal=\"unknown\",destination_workload=\"unknown\",destination_workload_namespace=\"unknown\",destination_principal=\"unknown\",connection_security_policy=\"mutual_tls\",request_protocol=\"grpc\",response_code=\"200\",grpc_response_status=\"0\",response_flags=\"-\"} 3");
+}

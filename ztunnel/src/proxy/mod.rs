@@ -156,8 +156,9 @@ pub struct Config {
     pub max_inbound_connections: usize,
     /// Deadline of the SOCKS5 greeting and request.
     pub socks5_timeout: Duration,
-    /// Series of each `istio_tcp_*` family at most; connections beyond it are counted
-    /// in an overflow series and in `ztunnel_metric_series_dropped_total`.
+    /// Series of each `istio_tcp_*` family at most, and of `istio_requests_total` (and
+    /// the duration histogram); connections and requests beyond it are counted in an
+    /// overflow series and in `ztunnel_metric_series_dropped_total`.
     pub max_metric_series: usize,
     /// Peer identities whose `forwarded` header is logged as the source address even
     /// when it is not the peer's own address (gateways, waypoints).
