@@ -446,3 +446,54 @@ async fn request_series_are_capped() {
     );
     pair.server.assert_metric("istio_requests_total{reporter=\"destination\",source_workload=\"unknown\",source_workload_namespace=\"unknown\",source_principal=\"unknown\",destination_workload=\"unknown\",destination_workload_namespace=\"unknown\",destination_principal=\"unknown\",connection_security_policy=\"mutual_tls\",request_protocol=\"grpc\",response_code=\"200\",grpc_response_status=\"0\",response_flags=\"-\"} 3");
 }
+
+#[tokio::test]
+async fn an_upgraded_connection_is_drained_with_the_others() {
+    let pair = Pair::new(69, Config::default()).await;
+    let (app, seen) = app(&pair).await;
+    pair.mesh.deny_path(app, "/admin");
+    // Plaintext (PERMISSIVE): once upgraded, nothing but the upgraded connection is
+    // left open on the server tunnel.
+    let plaintext = pair
+        .server
+        .serve_plaintext("127.0.69.3:0".parse().unwrap(), app);
+    let mut tcp = TcpStream::connect(plaintext).await.unwrap();
+    tcp.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: payments\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tcp.read_exact(&mut byte).await.expect("101 head");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101 "), "{head:?}");
+    round_trip(&mut tcp, b"upgraded").await;
+    assert_eq!(*seen.lock().unwrap(), ["GET /ws"]);
+
+    let drain = pair.server.proxy.drain_handle();
+    assert_eq!(
+        drain.open_connections(),
+        1,
+        "the upgraded connection is tracked"
+    );
+    let draining = tokio::spawn(async move { drain.drain(Duration::from_millis(300)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !draining.is_finished(),
+        "the drain waits for the upgraded connection"
+    );
+    round_trip(&mut tcp, b"during the grace period").await;
+    tokio::time::timeout(Duration::from_secs(5), draining)
+        .await
+        .expect("the drain ends after its grace period")
+        .unwrap();
+    assert_eq!(pair.server.proxy.drain_handle().open_connections(), 0);
+    let mut buf = [0u8; 16];
+    let after = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .expect("the upgraded connection is closed by the drain");
+    assert!(matches!(after, Ok(0) | Err(_)), "{after:?}");
+}

@@ -39,7 +39,7 @@ use tracing::{debug, info};
 
 use crate::identity::Identity;
 use crate::proxy::metrics::{RequestEvent, RequestMeter, RequestProtocol};
-use crate::proxy::{Mesh, Metrics, RefusedReason, Verdict};
+use crate::proxy::{Drain, Mesh, Metrics, RefusedReason, Verdict};
 
 pub use upstream::Connector;
 use upstream::Upstream;
@@ -98,6 +98,8 @@ pub struct Session {
     pub source: Option<Identity>,
     pub destination: SocketAddr,
     pub connector: Connector,
+    /// Tracks what outlives the HTTP connection: upgraded connections.
+    pub drain: Drain,
 }
 
 /// Serves HTTP on `io` until the client closes it, it fails, or `stop` fires (then
@@ -111,7 +113,10 @@ where
     let refusal = Arc::new(OnceLock::new());
     let io = framing::Framing::new(io, config.max_header_bytes, refusal.clone());
     let metrics = session.metrics.clone();
-    let upstream = Arc::new(Upstream::new(session.connector.clone()));
+    let upstream = Arc::new(Upstream::new(
+        session.connector.clone(),
+        session.drain.clone(),
+    ));
     let session = Arc::new(session);
     let service = hyper::service::service_fn(move |request| {
         handle(session.clone(), upstream.clone(), request)

@@ -255,6 +255,21 @@ impl Drain {
         }
     }
 
+    /// Runs `task` as a connection: the drain waits for it and ends it once the grace
+    /// period has passed.
+    pub(crate) fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let force = self.force.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = force.cancelled() => {}
+            }
+        });
+    }
+
     /// Connection tasks open now.
     pub fn open_connections(&self) -> usize {
         self.tracker.len()
@@ -325,13 +340,7 @@ impl Proxy {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let force = self.inner.drain.force.clone();
-        self.inner.drain.tracker.spawn(async move {
-            tokio::select! {
-                () = task => {}
-                () = force.cancelled() => {}
-            }
-        });
+        self.inner.drain.spawn(task);
     }
 
     /// Accepts from `listener` until the drain starts, handing each connection to
