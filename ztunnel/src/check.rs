@@ -1,6 +1,9 @@
 //! `ztunnel check`: explains, without sending traffic, what the mesh would do with a
 //! connection: HBONE or plaintext, the identities involved, the effective mTLS mode and
-//! where it comes from, and which policy allows or denies it and why.
+//! where it comes from, and which policy allows or denies it and why. With
+//! `--method`, `--path`, `--host` or `--header`, it decides one HTTP request on that
+//! connection as the destination tunnel would: the policy and rule that decide it, or
+//! the field of each rule that failed.
 //!
 //! Exit status: 0 allowed, 1 refused, 2 bad input.
 
@@ -15,8 +18,10 @@ use serde::Serialize;
 
 use crate::config;
 use crate::identity::Identity;
-use crate::policy::{Decision, MtlsMode};
-use crate::state::{Snapshot, Transport, Upstream, Workload};
+use crate::policy::{Decision, MtlsMode, PathNormalization};
+use crate::state::{
+    HTTP_PORTS_ANNOTATION, L7Authorization, Snapshot, Transport, Upstream, Workload,
+};
 
 /// Exit status: the connection would be allowed.
 pub const ALLOWED: u8 = 0;
@@ -41,6 +46,48 @@ pub enum Error {
     Output(#[from] std::io::Error),
     #[error("cannot encode the verdict as JSON: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("--header {0:?}: expected NAME=VALUE with a valid header name and value")]
+    BadHeader(String),
+    #[error("--method {0:?}: not an HTTP method")]
+    BadMethod(String),
+    #[error("--path {path:?}: not a request target: {problem}")]
+    BadPath { path: String, problem: String },
+    #[error("--host {0:?}: not a valid Host header value")]
+    BadHost(String),
+}
+
+/// One `--header NAME=VALUE`.
+#[derive(Clone, Debug)]
+pub struct Header {
+    pub name: http::HeaderName,
+    pub value: http::HeaderValue,
+}
+
+impl FromStr for Header {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || Error::BadHeader(s.to_string());
+        let (name, value) = s.split_once('=').ok_or_else(bad)?;
+        Ok(Header {
+            name: name.trim().parse().map_err(|_| bad())?,
+            value: value.trim().parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// `--method` as given (checked when the request is built, so that the error names it).
+#[derive(Clone, Debug)]
+pub struct MethodArg(pub http::Method);
+
+impl FromStr for MethodArg {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        http::Method::from_bytes(s.as_bytes())
+            .map(MethodArg)
+            .map_err(|_| Error::BadMethod(s.to_string()))
+    }
 }
 
 /// `namespace/name` of a workload.
@@ -89,9 +136,87 @@ pub struct Args {
     /// The original destination: a workload IP or a service VIP, and a port.
     #[arg(long, value_name = "IP:PORT")]
     pub to: SocketAddr,
+    /// Decide one HTTP request on the connection: its method (default GET when another
+    /// request flag is given).
+    #[arg(long, value_name = "METHOD")]
+    pub method: Option<MethodArg>,
+    /// The request's path, as sent (query included; normalized as the tunnel does
+    /// before matching). Default `/`.
+    #[arg(long, value_name = "PATH")]
+    pub path: Option<String>,
+    /// The request's `Host` (`:authority`), with or without a port.
+    #[arg(long, value_name = "HOST")]
+    pub host: Option<String>,
+    /// A request header, for `when` keys `request.headers[NAME]`; repeat it for more
+    /// headers (a repeated name is matched as its values joined with `,`).
+    #[arg(long = "header", value_name = "NAME=VALUE")]
+    pub headers: Vec<Header>,
     /// Print the verdict as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+impl Args {
+    /// The HTTP request the flags describe, or `None` when none was given.
+    pub fn request(&self) -> Result<Option<http::request::Parts>, Error> {
+        if self.method.is_none()
+            && self.path.is_none()
+            && self.host.is_none()
+            && self.headers.is_empty()
+        {
+            return Ok(None);
+        }
+        let method = self
+            .method
+            .as_ref()
+            .map_or(http::Method::GET, |m| m.0.clone());
+        let path = self.path.as_deref().unwrap_or("/");
+        let bad_path = |problem: String| Error::BadPath {
+            path: path.to_string(),
+            problem,
+        };
+        let uri: http::Uri = path
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| bad_path(e.to_string()))?;
+        if uri.scheme().is_some() || uri.authority().is_some() {
+            return Err(bad_path(
+                "give the path alone (origin form, starting with /); the host goes in --host"
+                    .to_string(),
+            ));
+        }
+        let mut builder = http::Request::builder().method(method).uri(uri);
+        if let Some(host) = &self.host {
+            let value: http::HeaderValue =
+                host.parse().map_err(|_| Error::BadHost(host.clone()))?;
+            builder = builder.header(http::header::HOST, value);
+        }
+        for h in &self.headers {
+            builder = builder.header(h.name.clone(), h.value.clone());
+        }
+        let request = builder.body(()).map_err(|e| bad_path(e.to_string()))?;
+        Ok(Some(request.into_parts().0))
+    }
+}
+
+/// The HTTP request `check` decided, and how.
+#[derive(Clone, Debug, Serialize)]
+pub struct RequestVerdict {
+    pub method: String,
+    /// The path as given.
+    pub path: String,
+    /// The path the policies match (`None` when it cannot be normalized: denied).
+    pub normalized_path: Option<String>,
+    /// The normalization in force (`pathNormalization`).
+    pub path_normalization: PathNormalization,
+    pub host: Option<String>,
+    /// The headers given, as `name: value`.
+    pub headers: Vec<String>,
+    /// Whether the destination tunnel decides this request on its own (an HTTP port of
+    /// a workload selected by HTTP rules, `l7Authorization: tunnel`); if not, the
+    /// request gets the connection's verdict, and why is in `why_not_per_request`.
+    pub decided_per_request: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why_not_per_request: Option<String>,
 }
 
 /// Where the connection comes from.
@@ -136,7 +261,12 @@ pub struct Verdict {
     pub expected_identities: Vec<String>,
     /// The deciding policy as `namespace/name`, or `None` when none decided.
     pub policy: Option<String>,
+    /// The rule of that policy that matched (ALLOW or DENY), when one did.
+    pub rule: Option<usize>,
     pub reason: String,
+    /// The HTTP request decided, when one was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestVerdict>,
     /// How the policies that select the destination differ at L4 from what they say.
     pub warnings: Vec<String>,
     /// AUDIT and dry-run policies that matched (logged, not enforced).
@@ -162,8 +292,14 @@ impl Source<'_> {
     }
 }
 
-/// Answers the question against a snapshot.
-pub fn explain(snapshot: &Snapshot, from: &From, to: SocketAddr) -> Result<Verdict, Error> {
+/// Answers the question against a snapshot: for the connection, or for one HTTP
+/// `request` on it.
+pub fn explain(
+    snapshot: &Snapshot,
+    from: &From,
+    to: SocketAddr,
+    request: Option<&http::request::Parts>,
+) -> Result<Verdict, Error> {
     let source = match from {
         From::Workload(name) => {
             let w = snapshot
@@ -192,7 +328,7 @@ pub fn explain(snapshot: &Snapshot, from: &From, to: SocketAddr) -> Result<Verdi
     };
     let verdicts: Vec<Verdict> = upstreams
         .iter()
-        .map(|up| verdict(snapshot, &source, up))
+        .map(|up| verdict(snapshot, &source, up, request))
         .collect();
     let endpoints = if upstreams.first().is_some_and(|u| u.service.is_some()) {
         verdicts
@@ -231,7 +367,9 @@ fn base(source: &Source<'_>, address: SocketAddr) -> Verdict {
         destination_identity: None,
         expected_identities: Vec::new(),
         policy: None,
+        rule: None,
         reason: String::new(),
+        request: None,
         warnings: Vec::new(),
         notes: Vec::new(),
         endpoints: Vec::new(),
@@ -247,9 +385,16 @@ fn unreachable_service(source: &Source<'_>, to: SocketAddr, why: String) -> Verd
     }
 }
 
-fn verdict(snapshot: &Snapshot, source: &Source<'_>, up: &Upstream) -> Verdict {
+fn verdict(
+    snapshot: &Snapshot,
+    source: &Source<'_>,
+    up: &Upstream,
+    request: Option<&http::request::Parts>,
+) -> Verdict {
     let mut v = base(source, up.address);
     v.service.clone_from(&up.service);
+    let outside = "the destination is outside the mesh: nothing decides requests there";
+    v.request = request.map(|r| request_verdict(snapshot, r, Some(outside)));
     let Some(dst) = &up.workload else {
         v.mode_source = "destination is outside the mesh: nothing enforces mTLS there".to_string();
         v.reason = "passed through as plaintext to an address outside the mesh".to_string();
@@ -258,6 +403,8 @@ fn verdict(snapshot: &Snapshot, source: &Source<'_>, up: &Upstream) -> Verdict {
     v.destination = Some(dst.key());
     v.destination_identity = Some(dst.identity.to_string());
     if !dst.meshed {
+        let outside = "the destination is not in the mesh: nothing decides requests there";
+        v.request = request.map(|r| request_verdict(snapshot, r, Some(outside)));
         v.mode_source =
             "destination is not in the mesh: nothing enforces mTLS or policy there".to_string();
         v.reason = "passed through as plaintext to a workload outside the mesh".to_string();
@@ -274,9 +421,17 @@ fn verdict(snapshot: &Snapshot, source: &Source<'_>, up: &Upstream) -> Verdict {
     let effective = mode.for_port(up.address.port());
     v.mode = effective.mode;
     v.mode_source = effective.source.to_string();
-    let decision: Decision = snapshot.decide(source.ip, identity, up.address);
+    let mut decision: Decision = snapshot.decide(source.ip, identity, up.address);
+    if let Some(r) = request {
+        let why_not = why_not_per_request(snapshot, dst, up.address);
+        if why_not.is_none() && decision.allowed {
+            decision = snapshot.decide_request(source.ip, identity, up.address, r);
+        }
+        v.request = Some(request_verdict(snapshot, r, why_not.as_deref()));
+    }
     v.allowed = decision.allowed;
     v.policy = decision.policy.as_ref().map(ToString::to_string);
+    v.rule = decision.rule;
     v.reason = decision.reason;
     if !hbone {
         v.reason = format!(
@@ -307,6 +462,66 @@ fn verdict(snapshot: &Snapshot, source: &Source<'_>, up: &Upstream) -> Verdict {
         })
         .collect();
     v
+}
+
+/// Why requests to `dst` get the connection's verdict instead of their own, or `None`
+/// when the destination tunnel decides each.
+fn why_not_per_request(snapshot: &Snapshot, w: &Workload, dst: SocketAddr) -> Option<String> {
+    if snapshot.http_enforced(dst) {
+        return None;
+    }
+    Some(
+        if snapshot.l7().authorization == L7Authorization::Waypoint {
+            "l7Authorization is waypoint: HTTP rules are left to Istio waypoints, and the request \
+         gets the connection's verdict (HTTP fields with Istio ztunnel's L4 handling)"
+                .to_string()
+        } else if snapshot.http_port(dst).is_none() {
+            format!(
+                "port {} of {} does not speak HTTP (declare it with httpPorts, the \
+             {HTTP_PORTS_ANNOTATION} annotation or a service port's appProtocol or name): \
+             the request gets the connection's verdict (HTTP fields with the L4 handling)",
+                dst.port(),
+                w.key()
+            )
+        } else {
+            format!(
+                "no policy selecting {} has HTTP rules: every request on the connection gets \
+             its verdict",
+                w.key()
+            )
+        },
+    )
+}
+
+fn request_verdict(
+    snapshot: &Snapshot,
+    r: &http::request::Parts,
+    why_not: Option<&str>,
+) -> RequestVerdict {
+    let path = r
+        .uri
+        .path_and_query()
+        .map_or_else(|| r.uri.path().to_string(), ToString::to_string);
+    let mode = snapshot.l7().path_normalization;
+    RequestVerdict {
+        method: r.method.to_string(),
+        normalized_path: crate::policy::normalize_path(&path, mode).ok(),
+        path,
+        path_normalization: mode,
+        host: r
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned),
+        headers: r
+            .headers
+            .iter()
+            .filter(|(name, _)| *name != http::header::HOST)
+            .map(|(name, value)| format!("{name}: {}", String::from_utf8_lossy(value.as_bytes())))
+            .collect(),
+        decided_per_request: why_not.is_none(),
+        why_not_per_request: why_not.map(str::to_owned),
+    }
 }
 
 impl Verdict {
@@ -357,11 +572,39 @@ impl Verdict {
             "  mTLS mode:            {} ({})",
             self.mode, self.mode_source
         );
+        if let Some(r) = &self.request {
+            let host = r
+                .host
+                .as_ref()
+                .map(|h| format!(" (host {h})"))
+                .unwrap_or_default();
+            let _ = writeln!(out, "  request:              {} {}{host}", r.method, r.path);
+            for h in &r.headers {
+                let _ = writeln!(out, "  header:               {h}");
+            }
+            let normalized = r
+                .normalized_path
+                .clone()
+                .unwrap_or_else(|| "cannot be normalized: denied".to_string());
+            let _ = writeln!(
+                out,
+                "  normalized path:      {normalized} ({})",
+                r.path_normalization
+            );
+            let decided = match &r.why_not_per_request {
+                None => "per request, by the destination tunnel".to_string(),
+                Some(why) => format!("with the connection: {why}"),
+            };
+            let _ = writeln!(out, "  decided:              {decided}");
+        }
         let _ = writeln!(
             out,
             "  policy:               {}",
             self.policy.clone().unwrap_or_else(none)
         );
+        if let Some(rule) = self.rule {
+            let _ = writeln!(out, "  rule:                 {rule}");
+        }
         let _ = writeln!(out, "  reason:               {}", self.reason);
         for w in &self.warnings {
             let _ = writeln!(out, "  warning:              {w}");
@@ -394,7 +637,8 @@ fn answer(args: &Args, out: &mut impl Write) -> Result<bool, Error> {
         (None, Some(ip)) => From::Ip(ip),
         (None, None) => return Err(Error::NoSource),
     };
-    let v = explain(&snapshot, &from, args.to)?;
+    let request = args.request()?;
+    let v = explain(&snapshot, &from, args.to, request.as_ref())?;
     if args.json {
         serde_json::to_writer(&mut *out, &v)?;
         writeln!(out)?;

@@ -55,7 +55,7 @@ pub fn sign_request(ca: &InProcessCa, body: &[u8]) -> Result<(Identity, Chain), 
 }
 
 /// The heads of the HTTP requests in `input`, read by the tunnel's HTTP server (the one
-/// HTTP ports are served with, its limits included) from a client connection that ends
+/// HTTP ports are served with: its framing checks and limits included) from a client connection that ends
 /// where the input ends. Each request's body is read, and it is answered 200.
 pub async fn http_requests(input: &[u8]) -> Vec<http::request::Parts> {
     let heads = Arc::new(Mutex::new(Vec::new()));
@@ -74,6 +74,11 @@ pub async fn http_requests(input: &[u8]) -> Vec<http::request::Parts> {
         });
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     let config = crate::http::Config::default();
+    let server = crate::http::framing::Framing::new(
+        server,
+        config.max_header_bytes,
+        Arc::new(std::sync::OnceLock::new()),
+    );
     let http = crate::http::server(&config);
     let served = http.serve_connection_with_upgrades(TokioIo::new(server), service);
     let client = async move {

@@ -10,6 +10,8 @@ use ztunnel::identity::{self, CaFiles, Identity, InProcessCa};
 use ztunnel::kube::ca::{
     Authorizer, AuthorizerConfig, CaServer, CaServerConfig, DEFAULT_AUDIENCE, Metrics, RootStore,
 };
+use ztunnel::policy::PathNormalization;
+use ztunnel::state::{L7Authorization, L7Settings};
 use ztunnel::{app, check};
 
 #[derive(Parser)]
@@ -28,8 +30,9 @@ enum Command {
     /// Run the tunnel: from a local config file (watched: edits apply without restart),
     /// or from the Kubernetes API as a DaemonSet.
     Run(RunArgs),
-    /// Explain, without traffic, what would happen to a connection: transport,
-    /// identities, effective mTLS mode, and the policy that allows or denies it.
+    /// Explain, without traffic, what would happen to a connection (or, with --method,
+    /// --path, --host, --header, to one HTTP request on it): transport, identities,
+    /// effective mTLS mode, and the policy and rule that allow or deny it.
     /// Exits 0 when allowed, 1 when refused, 2 on bad input.
     Check(check::Args),
     /// The in-process certificate authority's files.
@@ -99,6 +102,42 @@ struct RunArgs {
     /// Where the eBPF programs and maps are pinned (a restarted tunnel takes them over).
     #[arg(long, default_value = ztunnel::config::DEFAULT_BPF_PIN_ROOT, requires = "kube")]
     bpf_pin_root: PathBuf,
+    /// Where AuthorizationPolicy rules with HTTP fields are enforced: `tunnel` (per
+    /// request, on the HTTP ports of this node's workloads) or `waypoint` (Istio's
+    /// ztunnel semantics, for clusters that run Istio waypoints). The config file's
+    /// `l7Authorization`. Default: tunnel.
+    #[arg(
+        long,
+        env = "L7_AUTHORIZATION",
+        value_parser = named::<L7Authorization>,
+        conflicts_with = "config"
+    )]
+    l7_authorization: Option<L7Authorization>,
+    /// How request paths are normalized before `paths` match: `NONE`, `BASE`,
+    /// `MERGE_SLASHES` or `DECODE_AND_MERGE_SLASHES` (Istio's
+    /// `meshConfig.pathNormalization`). The config file's `pathNormalization`.
+    /// Default: DECODE_AND_MERGE_SLASHES.
+    #[arg(
+        long,
+        env = "PATH_NORMALIZATION",
+        value_parser = named::<PathNormalization>,
+        conflicts_with = "config"
+    )]
+    path_normalization: Option<PathNormalization>,
+}
+
+/// The HTTP authorization settings of the Kubernetes mode.
+fn kube_l7(args: &RunArgs) -> L7Settings {
+    L7Settings {
+        authorization: args.l7_authorization.unwrap_or_default(),
+        path_normalization: args.path_normalization.unwrap_or_default(),
+    }
+}
+
+/// A setting spelled as in the config file (its serde name), for a flag; the error
+/// names the values expected.
+fn named<T: serde::de::DeserializeOwned>(value: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(value.to_string())).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -208,6 +247,7 @@ fn run_tunnel(args: RunArgs, log_format: Option<LogFormat>) -> Result<()> {
             (app::Source::File(config), level, format)
         }
         None => {
+            let l7 = kube_l7(&args);
             let node = args
                 .node
                 .context("the node's name is required: set NODE_NAME or --node")?;
@@ -216,6 +256,7 @@ fn run_tunnel(args: RunArgs, log_format: Option<LogFormat>) -> Result<()> {
             settings.root_namespace = args.root_namespace;
             settings.trust_bundle_file = Some(args.trust_bundle);
             settings.bpf_pin_root = args.bpf_pin_root;
+            settings.l7 = l7;
             settings.excluded_peers = args
                 .exclude_peers
                 .iter()
@@ -402,4 +443,61 @@ fn issue(dir: &Path, id: &Identity, out: &Path) -> Result<()> {
     write("root-cert.pem", pem(ca.root()))?;
     println!("issued {id} into {}", out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["ztunnel", "run"].iter().chain(args))?;
+        match cli.command {
+            Command::Run(run) => Ok(run),
+            _ => unreachable!("parsed as run"),
+        }
+    }
+
+    #[test]
+    fn the_kubernetes_mode_takes_the_l7_settings_from_flags() {
+        let defaults = kube_l7(&run_args(&["--kube", "--node", "n"]).unwrap());
+        assert_eq!(defaults.authorization, L7Authorization::Tunnel);
+        assert_eq!(
+            defaults.path_normalization,
+            PathNormalization::DecodeAndMergeSlashes
+        );
+        let set = run_args(&[
+            "--kube",
+            "--node",
+            "n",
+            "--l7-authorization",
+            "waypoint",
+            "--path-normalization",
+            "MERGE_SLASHES",
+        ])
+        .unwrap();
+        let set = kube_l7(&set);
+        assert_eq!(set.authorization, L7Authorization::Waypoint);
+        assert_eq!(set.path_normalization, PathNormalization::MergeSlashes);
+
+        let bad = run_args(&["--kube", "--node", "n", "--path-normalization", "merge"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            bad.contains("invalid value 'merge' for '--path-normalization"),
+            "{bad}"
+        );
+        assert!(bad.contains("DECODE_AND_MERGE_SLASHES"), "{bad}");
+        let bad = run_args(&["--kube", "--node", "n", "--l7-authorization", "envoy"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(bad.contains("expected `tunnel` or `waypoint`"), "{bad}");
+        // The config file has its own keys.
+        let file = run_args(&["--config", "c.yaml", "--l7-authorization", "waypoint"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(file.contains("--kube"), "{file}");
+    }
 }

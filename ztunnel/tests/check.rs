@@ -288,3 +288,222 @@ fn bad_input_exits_2_with_a_clear_error() {
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read config file"));
 }
+
+/// `check` with request flags on billing's HTTP port 8080, where only orders may
+/// `POST /charge`: the rule that decides, or the field that failed.
+#[test]
+fn an_http_request_is_decided_with_the_rule_or_the_field_that_failed() {
+    struct Request {
+        from: &'static str,
+        method: &'static str,
+        path: &'static str,
+        exit: i32,
+        rule: Value,
+        normalized: Value,
+        reason: &'static str,
+    }
+    let cases = [
+        Request {
+            from: "prod/orders",
+            method: "POST",
+            path: "/charge",
+            exit: 0,
+            rule: 0.into(),
+            normalized: "/charge".into(),
+            reason: "ALLOW policy finance/billing-charge rule 0 matched for POST /charge",
+        },
+        Request {
+            from: "prod/orders",
+            method: "GET",
+            path: "/charge",
+            exit: 1,
+            rule: Value::Null,
+            normalized: "/charge".into(),
+            reason: "rule 0: to: methods [POST] do not include GET",
+        },
+        Request {
+            from: "prod/orders",
+            method: "POST",
+            path: "/refund",
+            exit: 1,
+            rule: Value::Null,
+            normalized: "/refund".into(),
+            reason: "rule 0: to: paths [/charge] do not include /refund",
+        },
+        Request {
+            from: "prod/inventory",
+            method: "POST",
+            path: "/charge",
+            exit: 1,
+            rule: Value::Null,
+            normalized: "/charge".into(),
+            reason: "rule 0: from: principals [cluster.local/ns/prod/sa/orders] do not include cluster.local/ns/prod/sa/inventory",
+        },
+        // Matched after normalization, as the tunnel matches it.
+        Request {
+            from: "prod/orders",
+            method: "POST",
+            path: "//x/../charge?amount=1",
+            exit: 0,
+            rule: 0.into(),
+            normalized: "/charge".into(),
+            reason: "rule 0 matched for POST /charge",
+        },
+        Request {
+            from: "prod/orders",
+            method: "POST",
+            path: "/charge%00",
+            exit: 1,
+            rule: Value::Null,
+            normalized: Value::Null,
+            reason: "path \"/charge%00\" cannot be normalized: it contains %00",
+        },
+    ];
+    for c in cases {
+        let args = [
+            "--from",
+            c.from,
+            "--to",
+            "10.0.1.50:8080",
+            "--method",
+            c.method,
+            "--path",
+            c.path,
+        ];
+        let (exit, v) = verdict(&args);
+        let what = format!("{} {} {}", c.from, c.method, c.path);
+        assert_eq!(exit, c.exit, "{what}: {v}");
+        assert_eq!(v["allowed"], c.exit == 0, "{what}");
+        assert_eq!(v["rule"], c.rule, "{what}: {v}");
+        let reason = v["reason"].as_str().unwrap();
+        assert!(reason.contains(c.reason), "{what}: {reason}");
+        if c.normalized.is_string() {
+            assert_eq!(v["policy"], "finance/billing-charge", "{what}");
+        }
+        let request = &v["request"];
+        assert_eq!(request["method"], c.method, "{what}");
+        assert_eq!(request["path"], c.path, "{what}");
+        assert_eq!(request["normalized_path"], c.normalized, "{what}: {v}");
+        assert_eq!(request["path_normalization"], "DECODE_AND_MERGE_SLASHES");
+        assert_eq!(request["decided_per_request"], true, "{what}");
+    }
+
+    // On a port that does not speak HTTP the request gets the connection's verdict.
+    let (exit, v) = verdict(&[
+        "--from",
+        "prod/orders",
+        "--to",
+        "10.0.1.10:9090",
+        "--method",
+        "DELETE",
+        "--path",
+        "/anything",
+    ]);
+    assert_eq!(exit, 0, "{v}");
+    assert_eq!(v["request"]["decided_per_request"], false);
+    let why = v["request"]["why_not_per_request"].as_str().unwrap();
+    assert!(
+        why.starts_with("port 9090 of finance/payments-0 does not speak HTTP"),
+        "{why}"
+    );
+}
+
+#[test]
+fn hosts_and_headers_are_matched_and_explained_in_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        r#"node: a
+workloads:
+- {name: client, namespace: front, serviceAccount: client, ips: [10.0.0.1]}
+- {name: api, namespace: back, serviceAccount: api, labels: {app: api}, ips: [10.0.0.2], httpPorts: [8080]}
+policies:
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: api-tenant, namespace: back}
+  spec:
+    selector: {matchLabels: {app: api}}
+    action: ALLOW
+    rules:
+    - to:
+      - operation: {hosts: ["api.back"], methods: ["GET"]}
+      when:
+      - key: request.headers[x-tenant]
+        values: ["a,b"]
+"#,
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--from", "front/client", "--to", "10.0.0.2:8080"];
+        args.extend_from_slice(extra);
+        let out = check(&config, &args);
+        (
+            out.status.code().unwrap(),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    // A repeated header is matched as its values joined with `,`; the host with and
+    // without its port.
+    let (exit, text, _) = run(&[
+        "--host",
+        "api.back:8080",
+        "--header",
+        "x-tenant=a",
+        "--header",
+        "X-Tenant=b",
+    ]);
+    assert_eq!(exit, 0, "{text}");
+    for line in [
+        "ALLOWED: front/client -> back/api at 10.0.0.2:8080\n",
+        "  request:              GET / (host api.back:8080)\n",
+        "  header:               x-tenant: a\n",
+        "  header:               x-tenant: b\n",
+        "  normalized path:      / (DECODE_AND_MERGE_SLASHES)\n",
+        "  decided:              per request, by the destination tunnel\n",
+        "  policy:               back/api-tenant\n",
+        "  rule:                 0\n",
+        "  reason:               ALLOW policy back/api-tenant rule 0 matched for GET /\n",
+    ] {
+        assert!(text.contains(line), "{line:?} not in:\n{text}");
+    }
+
+    let (exit, text, _) = run(&["--host", "api.back", "--header", "x-tenant=c"]);
+    assert_eq!(exit, 1, "{text}");
+    assert!(
+        text.contains("rule 0: when[0] request.headers[x-tenant]: request.headers[x-tenant] values [a,b] do not include c"),
+        "{text}"
+    );
+    assert!(!text.contains("  rule:"), "{text}");
+
+    let (exit, text, _) = run(&["--host", "other.back", "--header", "x-tenant=a,b"]);
+    assert_eq!(exit, 1, "{text}");
+    assert!(
+        text.contains("to: hosts [api.back] do not include other.back"),
+        "{text}"
+    );
+
+    for (flags, error) in [
+        (
+            &["--header", "x-tenant"][..],
+            "--header \"x-tenant\": expected NAME=VALUE",
+        ),
+        (
+            &["--method", "G ET"][..],
+            "--method \"G ET\": not an HTTP method",
+        ),
+        (
+            &["--path", "http://api.back/"][..],
+            "--path \"http://api.back/\": not a request target: give the path alone",
+        ),
+        (
+            &["--host", "a\u{7f}b"][..],
+            "--host \"a\\u{7f}b\": not a valid Host header value",
+        ),
+    ] {
+        let (exit, _, stderr) = run(flags);
+        assert_eq!(exit, 2, "{flags:?}: {stderr}");
+        assert!(stderr.contains(error), "{flags:?}: {stderr}");
+    }
+}

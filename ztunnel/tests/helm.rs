@@ -143,6 +143,8 @@ fn values_change_what_they_name() {
         "trustDomain=example.org",
         "logLevel=debug",
         "logFormat=json",
+        "l7Authorization=waypoint",
+        "pathNormalization=BASE",
         "excludedPeers={10.0.0.0/8,192.168.1.5}",
         "ca.certLifetimeSeconds=3600",
         "ca.port=16012",
@@ -159,6 +161,8 @@ fn values_change_what_they_name() {
         assert_eq!(env(c, "RUST_LOG"), "debug");
         assert_eq!(env(c, "LOG_FORMAT"), "json");
     }
+    assert_eq!(env(tunnel, "L7_AUTHORIZATION"), "waypoint");
+    assert_eq!(env(tunnel, "PATH_NORMALIZATION"), "BASE");
     assert!(has_arg(
         tunnel,
         "--exclude-peer=$(HOST_IP),10.0.0.0/8,192.168.1.5"

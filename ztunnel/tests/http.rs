@@ -257,44 +257,50 @@ async fn malformed_http_is_refused_and_never_reaches_the_application() {
         "GET / HTTP/1.1\r\nhost: payments\r\nx-big: {}\r\n\r\n",
         "a".repeat(70 * 1024)
     );
-    let cases: [(&str, &[u8], &str); 4] = [
-        ("invalid request line", b"GET / HTTP/1.1 extra\r\nhost: payments\r\n\r\n", "HTTP/1.1 400 "),
-        ("header block over the limit", big.as_bytes(), "HTTP/1.1 431 "),
+    let many: String = (0..=100).map(|i| format!("x-{i}: v\r\n")).collect();
+    let many = format!("GET / HTTP/1.1\r\nhost: payments\r\n{many}\r\n");
+    let cases: [(&str, &[u8]); 8] = [
+        ("invalid request line", b"GET / HTTP/1.1 extra\r\nhost: payments\r\n\r\n"),
+        ("header block over the limit", big.as_bytes()),
+        ("more than 100 header fields", many.as_bytes()),
         (
             "obs-fold",
             b"GET / HTTP/1.1\r\nhost: payments\r\nx-folded: a\r\n b\r\n\r\n",
-            "HTTP/1.1 400 ",
         ),
         (
             "invalid chunk size",
             b"POST / HTTP/1.1\r\nhost: payments\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
-            "HTTP/1.1 400 ",
+        ),
+        // Both framings: refused whichever comes first, so that no reading of the
+        // request other than the tunnel's can smuggle the pipelined one after it.
+        (
+            "Content-Length then Transfer-Encoding",
+            b"POST /both HTTP/1.1\r\nhost: payments\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nhost: payments\r\n\r\n",
+        ),
+        (
+            "Transfer-Encoding then Content-Length",
+            b"POST /both HTTP/1.1\r\nhost: payments\r\nTransfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nhost: payments\r\n\r\n",
+        ),
+        (
+            "both, after a good request on the same connection",
+            b"GET /good HTTP/1.1\r\nhost: payments\r\n\r\nPOST /both HTTP/1.1\r\nhost: payments\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
         ),
     ];
-    for (case, bytes, status) in cases {
+    for (case, bytes) in cases {
+        // Read until the tunnel closes the connection.
         let answer = raw(&pair, app, bytes).await;
-        assert!(answer.starts_with(status), "{case}: {answer:?}");
+        let Some(last) = answer.rfind("HTTP/1.1 ") else {
+            panic!("{case}: no answer");
+        };
+        assert!(
+            answer[last..].starts_with("HTTP/1.1 400 "),
+            "{case}: {answer:?}"
+        );
+        assert!(!answer.contains("RBAC"), "{case}: {answer:?}");
     }
-    assert!(
-        seen.lock().unwrap().is_empty(),
-        "{:?}",
-        seen.lock().unwrap()
-    );
+    assert_eq!(*seen.lock().unwrap(), ["GET /good"]);
     let metrics = pair.server.proxy.metrics();
-    assert_eq!(metrics.refused_count(RefusedReason::MalformedHttp), 4);
-
-    // Both Content-Length and Transfer-Encoding: the chunked framing wins and the
-    // length is dropped (RFC 9112 6.3), the application gets one unambiguous request,
-    // and the connection is closed after the response so nothing can be smuggled.
-    let answer = raw(
-        &pair,
-        app,
-        b"POST /both HTTP/1.1\r\nhost: payments\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nhost: payments\r\n\r\n",
-    )
-    .await;
-    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
-    assert!(!answer.contains("RBAC"), "{answer:?}");
-    assert_eq!(*seen.lock().unwrap(), ["POST /both"]);
+    assert_eq!(metrics.refused_count(RefusedReason::MalformedHttp), 8);
 }
 
 #[tokio::test]
@@ -391,4 +397,103 @@ async fn pipelined_requests_are_answered_in_order() {
     let two = answer.find("ok /two").expect("third answer");
     assert!(one < denied && denied < two, "{answer:?}");
     assert_eq!(*seen.lock().unwrap(), ["GET /one", "GET /two"]);
+}
+
+#[tokio::test]
+async fn request_series_are_capped() {
+    let config = Config {
+        max_metric_series: 2,
+        ..Config::default()
+    };
+    let pair = Pair::new(68, config).await;
+    let (app, _seen) = app(&pair).await;
+    pair.mesh.deny_path(app, "/admin");
+    let mut send = http1(&pair, app).await;
+    // Two series, 200 and 403 (a second 403 is counted in the same one).
+    assert_eq!(get(&mut send, "/a").await.0, StatusCode::OK);
+    assert_eq!(get(&mut send, "/admin").await.0, StatusCode::FORBIDDEN);
+    assert_eq!(get(&mut send, "/admin/2").await.0, StatusCode::FORBIDDEN);
+    let metrics = pair.server.proxy.metrics();
+    assert_eq!(metrics.request_series_count(), 2);
+    assert_eq!(metrics.series_dropped(), 0);
+
+    let tcp = pair.connect(app).await.expect("captured connection");
+    let (mut h2, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(connection);
+    // gRPC makes a third kind: counted in the overflow series.
+    for _ in 0..3 {
+        let response = h2
+            .send_request(
+                Request::post("http://payments/pkg.Service/Method")
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let body = response.into_body().collect().await.unwrap();
+        assert_eq!(body.trailers().unwrap()["grpc-status"], "0");
+    }
+    assert_eq!(metrics.series_dropped(), 3);
+    assert_eq!(
+        metrics.request_series_count(),
+        3,
+        "2 and one overflow series"
+    );
+    pair.server.assert_metric("istio_requests_total{reporter=\"destination\",source_workload=\"unknown\",source_workload_namespace=\"unknown\",source_principal=\"unknown\",destination_workload=\"unknown\",destination_workload_namespace=\"unknown\",destination_principal=\"unknown\",connection_security_policy=\"mutual_tls\",request_protocol=\"grpc\",response_code=\"200\",grpc_response_status=\"0\",response_flags=\"-\"} 3");
+}
+
+#[tokio::test]
+async fn an_upgraded_connection_is_drained_with_the_others() {
+    let pair = Pair::new(69, Config::default()).await;
+    let (app, seen) = app(&pair).await;
+    pair.mesh.deny_path(app, "/admin");
+    // Plaintext (PERMISSIVE): once upgraded, nothing but the upgraded connection is
+    // left open on the server tunnel.
+    let plaintext = pair
+        .server
+        .serve_plaintext("127.0.69.3:0".parse().unwrap(), app);
+    let mut tcp = TcpStream::connect(plaintext).await.unwrap();
+    tcp.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: payments\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tcp.read_exact(&mut byte).await.expect("101 head");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101 "), "{head:?}");
+    round_trip(&mut tcp, b"upgraded").await;
+    assert_eq!(*seen.lock().unwrap(), ["GET /ws"]);
+
+    let drain = pair.server.proxy.drain_handle();
+    assert_eq!(
+        drain.open_connections(),
+        1,
+        "the upgraded connection is tracked"
+    );
+    let draining = tokio::spawn(async move { drain.drain(Duration::from_millis(300)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !draining.is_finished(),
+        "the drain waits for the upgraded connection"
+    );
+    round_trip(&mut tcp, b"during the grace period").await;
+    tokio::time::timeout(Duration::from_secs(5), draining)
+        .await
+        .expect("the drain ends after its grace period")
+        .unwrap();
+    assert_eq!(pair.server.proxy.drain_handle().open_connections(), 0);
+    let mut buf = [0u8; 16];
+    let after = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .expect("the upgraded connection is closed by the drain");
+    assert!(matches!(after, Ok(0) | Err(_)), "{after:?}");
 }

@@ -6,19 +6,22 @@
 //! from inside the pod's namespace, in the protocol the client spoke.
 //!
 //! Denied: 403 `RBAC: access denied` (gRPC: 200 with `grpc-status: 7`), the connection
-//! stays open. Malformed HTTP/1 (bad request line, header block over the limit, obs-fold,
-//! bad chunk sizes, a bad `Content-Length`) gets 400 (431 for headers over the limit)
-//! from hyper or from here and never reaches the application; a client that does not
-//! finish its headers within `header_read_timeout` is cut off. Every request is counted
-//! (`istio_requests_total`, `istio_request_duration_milliseconds`) and logged.
+//! stays open. Malformed HTTP/1 (bad request line, header block over the limit or with
+//! more than 100 fields, both `Content-Length` and `Transfer-Encoding`, obs-fold, bad
+//! chunk sizes, a bad `Content-Length`) gets 400 from hyper (the head checked first by
+//! [`framing::Framing`]) or from here, closes the connection and never reaches the
+//! application; a client that does not finish its headers within `header_read_timeout`
+//! is cut off. Every request is counted (`istio_requests_total`,
+//! `istio_request_duration_milliseconds`) and logged.
 
+pub mod framing;
 pub mod io;
 mod upstream;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -36,7 +39,7 @@ use tracing::{debug, info};
 
 use crate::identity::Identity;
 use crate::proxy::metrics::{RequestEvent, RequestMeter, RequestProtocol};
-use crate::proxy::{Mesh, Metrics, RefusedReason, Verdict};
+use crate::proxy::{Drain, Mesh, Metrics, RefusedReason, Verdict};
 
 pub use upstream::Connector;
 use upstream::Upstream;
@@ -52,7 +55,7 @@ pub const DENIED_BODY: &str = "RBAC: access denied";
 pub struct Config {
     /// A client must send a request's complete header block within this time (HTTP/1).
     pub header_read_timeout: Duration,
-    /// Largest request header block (HTTP/1, at least 8 KiB) or header list (HTTP/2).
+    /// Largest request header block (HTTP/1) or header list (HTTP/2).
     pub max_header_bytes: usize,
     /// A chunked HTTP/1 request body is read whole (and its framing checked) before it
     /// is forwarded, up to this size; larger ones get 413.
@@ -95,6 +98,8 @@ pub struct Session {
     pub source: Option<Identity>,
     pub destination: SocketAddr,
     pub connector: Connector,
+    /// Tracks what outlives the HTTP connection: upgraded connections.
+    pub drain: Drain,
 }
 
 /// Serves HTTP on `io` until the client closes it, it fails, or `stop` fires (then
@@ -105,8 +110,13 @@ where
 {
     let config = session.config.clone();
     let peer = session.peer;
+    let refusal = Arc::new(OnceLock::new());
+    let io = framing::Framing::new(io, config.max_header_bytes, refusal.clone());
     let metrics = session.metrics.clone();
-    let upstream = Arc::new(Upstream::new(session.connector.clone()));
+    let upstream = Arc::new(Upstream::new(
+        session.connector.clone(),
+        session.drain.clone(),
+    ));
     let session = Arc::new(session);
     let service = hyper::service::service_fn(move |request| {
         handle(session.clone(), upstream.clone(), request)
@@ -140,11 +150,12 @@ where
     }
     if hyper_error.is_parse() || hyper_error.is_parse_too_large() {
         metrics.refused(RefusedReason::MalformedHttp);
-        info!(%peer, error = %hyper_error, "malformed HTTP request refused");
-        return Err(Error::Malformed {
-            peer,
-            reason: hyper_error.to_string(),
-        });
+        let reason = match refusal.get() {
+            Some(refused) => refused.to_string(),
+            None => hyper_error.to_string(),
+        };
+        info!(%peer, error = %reason, "malformed HTTP request refused");
+        return Err(Error::Malformed { peer, reason });
     }
     Err(Error::Connection {
         peer,
@@ -160,7 +171,9 @@ pub(crate) fn server(config: &Config) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
-        .max_buf_size(config.max_header_bytes.max(8192))
+        // Above the head limit, which `Framing` enforces with a 400: hyper's own
+        // answer at its buffer limit would be 431.
+        .max_buf_size(config.max_header_bytes.max(8192) + 8192)
         .keep_alive(true);
     builder
         .http2()
@@ -305,8 +318,18 @@ impl hyper::body::Body for Observed {
     }
 }
 
-fn respond(outcome: Outcome, response: Response<Body>) -> Response<Observed> {
+/// `response` to a request, recorded as `outcome`. After an HTTP/1 request that could
+/// have switched protocols (`may_switch`) and did not, the connection closes: its
+/// framing is no longer followed (see [`framing`]).
+fn respond(outcome: Outcome, mut response: Response<Body>, may_switch: bool) -> Response<Observed> {
     let mut outcome = outcome;
+    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS
+        || (outcome.method == "CONNECT" && response.status().is_success());
+    if may_switch && !switched {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     outcome.status = response.status().as_u16();
     if let Some(status) = response
         .headers()
@@ -388,6 +411,8 @@ async fn handle(
         denial: None,
     };
     let (mut parts, body) = request.into_parts();
+    let may_switch = parts.version == Version::HTTP_11
+        && (parts.headers.contains_key(header::UPGRADE) || parts.method == http::Method::CONNECT);
     match session.mesh.authorize_request(
         session.source_ip,
         session.source.as_ref(),
@@ -409,7 +434,7 @@ async fn handle(
             outcome.policy = policy;
             outcome.denial = Some(reason);
             let response = refusal(grpc, StatusCode::FORBIDDEN, 7, DENIED_BODY);
-            return Ok(respond(outcome, response));
+            return Ok(respond(outcome, response, may_switch));
         }
     }
     let upgrade = is_upgrade(parts.version, &parts.headers);
@@ -437,7 +462,7 @@ async fn handle(
                 response
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                return Ok(respond(outcome, response));
+                return Ok(respond(outcome, response, may_switch));
             }
         }
     } else {
@@ -457,7 +482,7 @@ async fn handle(
             if response.status() != StatusCode::SWITCHING_PROTOCOLS {
                 strip_hop_by_hop(response.headers_mut());
             }
-            Ok(respond(outcome, response.map(BodyExt::boxed)))
+            Ok(respond(outcome, response.map(BodyExt::boxed), may_switch))
         }
         Err(e) => {
             debug!(peer = %session.peer, destination = %session.destination, error = %e, "HTTP request not forwarded");
@@ -468,7 +493,7 @@ async fn handle(
                 14,
                 "upstream unavailable",
             );
-            Ok(respond(outcome, response))
+            Ok(respond(outcome, response, may_switch))
         }
     }
 }

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::Body;
-use crate::proxy::Sockets;
+use crate::proxy::{Drain, Sockets};
 
 /// Makes connections to the application: `target` from `local_ip`, with sockets made
 /// where the application's address exists.
@@ -67,14 +67,17 @@ const READY_WAIT: Duration = Duration::from_millis(100);
 
 pub(super) struct Upstream {
     connector: Connector,
+    /// Upgraded connections are its connections too.
+    drain: Drain,
     http1: Mutex<Option<http1::SendRequest<Body>>>,
     http2: Mutex<Option<http2::SendRequest<Body>>>,
 }
 
 impl Upstream {
-    pub(super) fn new(connector: Connector) -> Self {
+    pub(super) fn new(connector: Connector, drain: Drain) -> Self {
         Upstream {
             connector,
+            drain,
             http1: Mutex::default(),
             http2: Mutex::default(),
         }
@@ -121,7 +124,7 @@ impl Upstream {
             .map_err(|source| UpstreamError::Request { target, source })?;
         if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             let server = hyper::upgrade::on(&mut response);
-            tokio::spawn(async move {
+            self.drain.spawn(async move {
                 match tokio::try_join!(client, server) {
                     Ok((client, server)) => {
                         let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));

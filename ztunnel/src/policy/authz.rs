@@ -565,6 +565,9 @@ pub struct Decision {
     pub allowed: bool,
     /// The policy that decided; `None` when no policy did (allowed by default).
     pub policy: Option<PolicyRef>,
+    /// The rule of `policy` that matched, when one did (an ALLOW or DENY rule).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<usize>,
     pub reason: String,
     /// AUDIT policies that matched (logged, not enforced).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -632,9 +635,10 @@ fn decide<P: Borrow<AuthorizationPolicy>>(policies: &[P], facts: &Facts<'_>) -> 
             .map(Borrow::borrow)
             .filter(|p: &&AuthorizationPolicy| !p.dry_run)
     };
-    let decision = |allowed, policy: Option<&PolicyRef>, reason| Decision {
+    let decision = |allowed, policy: Option<&PolicyRef>, rule, reason| Decision {
         allowed,
         policy: policy.cloned(),
+        rule,
         reason,
         audit: audit.clone(),
         dry_run: dry_run.clone(),
@@ -643,6 +647,7 @@ fn decide<P: Borrow<AuthorizationPolicy>>(policies: &[P], facts: &Facts<'_>) -> 
         return decision(
             false,
             Some(&p.reference),
+            None,
             format!(
                 "CUSTOM policy {} (provider {}) is not supported by this tunnel; denied to fail closed",
                 p.reference,
@@ -655,6 +660,7 @@ fn decide<P: Borrow<AuthorizationPolicy>>(policies: &[P], facts: &Facts<'_>) -> 
             return decision(
                 false,
                 Some(&p.reference),
+                Some(rule),
                 format!(
                     "DENY policy {} rule {rule} matched{}",
                     p.reference,
@@ -667,6 +673,7 @@ fn decide<P: Borrow<AuthorizationPolicy>>(policies: &[P], facts: &Facts<'_>) -> 
         return decision(
             true,
             None,
+            None,
             "no DENY rule without HTTP fields matched; each request is decided on its own"
                 .to_string(),
         );
@@ -676,6 +683,7 @@ fn decide<P: Borrow<AuthorizationPolicy>>(policies: &[P], facts: &Facts<'_>) -> 
         return decision(
             true,
             None,
+            None,
             "no ALLOW policy selects the workload and no DENY policy matched".to_string(),
         );
     };
@@ -684,6 +692,7 @@ fn decide<P: Borrow<AuthorizationPolicy>>(policies: &[P], facts: &Facts<'_>) -> 
             return decision(
                 true,
                 Some(&p.reference),
+                Some(rule),
                 format!(
                     "ALLOW policy {} rule {rule} matched{}",
                     p.reference,
@@ -705,6 +714,7 @@ fn decide<P: Borrow<AuthorizationPolicy>>(policies: &[P], facts: &Facts<'_>) -> 
     decision(
         false,
         Some(&first_allow.reference),
+        None,
         format!(
             "ALLOW policies select the workload but none matched{} ({})",
             request_words(facts),

@@ -134,6 +134,7 @@ fn strict(mode: &EffectiveMode, conn: &Connection<'_>) -> Option<Decision> {
         return Some(Decision {
             allowed: false,
             policy: mode.source.policy().cloned(),
+            rule: None,
             reason: format!(
                 "plaintext refused: mTLS mode STRICT for port {} ({})",
                 conn.dst.port(),

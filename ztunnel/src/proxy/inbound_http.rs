@@ -86,6 +86,7 @@ impl Proxy {
                 target: destination,
                 local_ip: destination.ip(),
             },
+            drain: inner.drain.clone(),
         }
     }
 

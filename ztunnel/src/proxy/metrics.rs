@@ -1,6 +1,6 @@
 //! Istio's TCP and HTTP metrics, the per-connection and per-request access logs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,7 +65,7 @@ pub enum RefusedReason {
     Socks,
     /// An HTTP request denied by policy on a port enforced per request.
     RequestDenied,
-    /// Malformed HTTP (answered 400 or 431): it never reached the application.
+    /// Malformed HTTP (answered 400): it never reached the application.
     MalformedHttp,
     /// A client too slow to send its request headers.
     HeaderTimeout,
@@ -149,9 +149,11 @@ struct Series {
     workloads: Vec<(IpAddr, String, String)>,
 }
 
-/// The series of the `istio_tcp_*` families, at most `max` of them.
+/// The series of the `istio_tcp_*` families, at most `max` of them, and those of
+/// `istio_requests_total` and `istio_request_duration_milliseconds`, at most `max` more.
 struct SeriesTable {
     series: Mutex<HashMap<ConnectionLabels, Series>>,
+    requests: Mutex<HashSet<RequestLabels>>,
     max: usize,
     /// The mesh generation of the last sweep for departed workloads.
     swept: AtomicU64,
@@ -184,6 +186,7 @@ impl Metrics {
             mesh,
             table: Arc::new(SeriesTable {
                 series: Mutex::default(),
+                requests: Mutex::default(),
                 max: max_series,
                 swept: AtomicU64::new(0),
                 dropped: Counter::default(),
@@ -241,7 +244,7 @@ impl Metrics {
         );
         registry.register(
             "ztunnel_metric_series_dropped",
-            "Connections counted in the overflow series (all workload labels unknown) because the series cap was reached",
+            "Connections and HTTP requests counted in an overflow series (all workload labels unknown) because the series cap was reached",
             metrics.table.dropped.clone(),
         );
         registry.register(
@@ -333,6 +336,52 @@ impl Metrics {
         for family in [&self.opened, &self.closed, &self.sent, &self.received] {
             family.remove(labels);
         }
+        let mut requests = self
+            .table
+            .requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        requests.retain(|r| {
+            let gone = r.connection == *labels;
+            if gone {
+                self.requests.remove(r);
+                self.request_duration.remove(r);
+            }
+            !gone
+        });
+    }
+
+    /// The series a request with `labels` is counted in: the overflow series of its
+    /// kind (workload labels unknown) once `max` request series exist.
+    fn take_request_series(&self, labels: RequestLabels) -> RequestLabels {
+        let mut requests = self
+            .table
+            .requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if requests.contains(&labels) {
+            return labels;
+        }
+        let labels = if requests.len() < self.table.max {
+            labels
+        } else {
+            self.table.dropped.inc();
+            RequestLabels {
+                connection: labels.connection.overflow(),
+                ..labels
+            }
+        };
+        requests.insert(labels.clone());
+        labels
+    }
+
+    /// Series of `istio_requests_total` now.
+    pub fn request_series_count(&self) -> usize {
+        self.table
+            .requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// Connections open now (opened and not yet closed).
@@ -611,6 +660,16 @@ pub struct RequestEvent<'a> {
     pub denial: Option<&'a str>,
 }
 
+/// The `grpc_response_status` label: `-` without one, the gRPC code (0 to 16) as sent,
+/// `unknown` for any other value (so the application cannot make series without end).
+fn grpc_label(status: Option<&str>) -> String {
+    match status.map(str::parse::<u8>) {
+        None => "-".to_owned(),
+        Some(Ok(code)) if code <= 16 => code.to_string(),
+        Some(_) => UNKNOWN.to_owned(),
+    }
+}
+
 /// The HTTP requests of one connection: counted with the connection's labels and
 /// logged with its endpoints. Owned, for the request handlers.
 #[derive(Clone)]
@@ -624,13 +683,13 @@ impl RequestMeter {
     /// Counts one request and writes its access-log event.
     pub fn request(&self, event: RequestEvent<'_>) {
         let elapsed = event.start.elapsed();
-        let labels = RequestLabels {
+        let labels = self.metrics.take_request_series(RequestLabels {
             connection: self.labels.clone(),
             request_protocol: event.protocol,
             response_code: event.status,
-            grpc_response_status: event.grpc_status.unwrap_or("-").to_owned(),
+            grpc_response_status: grpc_label(event.grpc_status),
             response_flags: event.flags,
-        };
+        });
         self.metrics.requests.get_or_create(&labels).inc();
         self.metrics
             .request_duration

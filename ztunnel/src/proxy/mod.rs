@@ -163,8 +163,9 @@ pub struct Config {
     /// Streams the peer of an inbound HBONE connection may reset before that
     /// connection's upstream connects are paced, and the pace.
     pub reset_budget: ResetBudgetConfig,
-    /// Series of each `istio_tcp_*` family at most; connections beyond it are counted
-    /// in an overflow series and in `ztunnel_metric_series_dropped_total`.
+    /// Series of each `istio_tcp_*` family at most, and of `istio_requests_total` (and
+    /// the duration histogram); connections and requests beyond it are counted in an
+    /// overflow series and in `ztunnel_metric_series_dropped_total`.
     pub max_metric_series: usize,
     /// Peer identities whose `forwarded` header is logged as the source address even
     /// when it is not the peer's own address (gateways, waypoints).
@@ -263,6 +264,21 @@ impl Drain {
         }
     }
 
+    /// Runs `task` as a connection: the drain waits for it and ends it once the grace
+    /// period has passed.
+    pub(crate) fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let force = self.force.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = force.cancelled() => {}
+            }
+        });
+    }
+
     /// Connection tasks open now.
     pub fn open_connections(&self) -> usize {
         self.tracker.len()
@@ -333,13 +349,7 @@ impl Proxy {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let force = self.inner.drain.force.clone();
-        self.inner.drain.tracker.spawn(async move {
-            tokio::select! {
-                () = task => {}
-                () = force.cancelled() => {}
-            }
-        });
+        self.inner.drain.spawn(task);
     }
 
     /// Accepts from `listener` until the drain starts, handing each connection to

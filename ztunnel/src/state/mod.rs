@@ -594,6 +594,7 @@ impl Snapshot {
             return Decision {
                 allowed: false,
                 policy: None,
+                rule: None,
                 reason: format!("no workload owns destination {}", dst.ip()),
                 audit: Vec::new(),
                 dry_run: Vec::new(),
@@ -637,6 +638,7 @@ impl Snapshot {
                     return Decision {
                         allowed: false,
                         policy: None,
+                        rule: None,
                         reason: format!("{} request: {e}", request.method),
                         audit: Vec::new(),
                         dry_run: Vec::new(),
