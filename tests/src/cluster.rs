@@ -310,6 +310,17 @@ impl Pod {
         vec![self.ip().into(), self.ipv6().into()]
     }
 
+    /// The pod's address of the same family as `family` (one of [`Pod::ips`] of any
+    /// pod), on `port`.
+    pub fn addr(&self, family: IpAddr, port: u16) -> std::net::SocketAddr {
+        let ip: IpAddr = if family.is_ipv4() {
+            self.ip().into()
+        } else {
+            self.ipv6().into()
+        };
+        std::net::SocketAddr::new(ip, port)
+    }
+
     /// The node's end of the pod's veth: the pod's IPv4 gateway.
     pub fn gateway_ipv4(&self) -> Ipv4Addr {
         self.veth_ipv4(1)

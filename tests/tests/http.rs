@@ -13,7 +13,7 @@
 //! Both address families are exercised in every test.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -145,20 +145,6 @@ impl Setup {
     fn web_pod(&self) -> &Pod {
         self.cluster.pod(1, 2)
     }
-}
-
-/// The pod's address of `family`'s family on `port`.
-fn at(pod: &Pod, family: IpAddr, port: u16) -> SocketAddr {
-    let ip: IpAddr = if family.is_ipv4() {
-        pod.ip().into()
-    } else {
-        pod.ipv6().into()
-    };
-    SocketAddr::new(ip, port)
-}
-
-fn families(pod: &Pod) -> [IpAddr; 2] {
-    [pod.ip().into(), pod.ipv6().into()]
 }
 
 /// The application: HTTP/1.1 and HTTP/2 on every address of a pod, answering
@@ -344,8 +330,8 @@ fn series(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
 #[tokio::test]
 async fn only_orders_may_post_charge_over_http1_and_h2c() {
     let setup = Setup::started().await;
-    for family in families(setup.payments_pod()) {
-        let payments = at(setup.payments_pod(), family, PAYMENTS_PORT);
+    for family in setup.payments_pod().ips() {
+        let payments = setup.payments_pod().addr(family, PAYMENTS_PORT);
         for proto in [Proto::Http1, Proto::H2c] {
             let orders = setup.orders();
             assert_eq!(
@@ -406,8 +392,8 @@ async fn only_orders_may_post_charge_over_http1_and_h2c() {
 #[tokio::test]
 async fn plaintext_from_outside_the_mesh_is_refused_by_strict_on_an_http_port() {
     let setup = Setup::started().await;
-    for family in families(setup.batch()) {
-        let payments = at(setup.payments_pod(), family, PAYMENTS_PORT);
+    for family in setup.batch().ips() {
+        let payments = setup.payments_pod().addr(family, PAYMENTS_PORT);
         for proto in [Proto::Http1, Proto::H2c] {
             let result = curl(setup.batch(), proto, "POST", payments, "/charge").await;
             assert!(result.is_err(), "batch got an HTTP answer: {result:?}");
@@ -458,8 +444,8 @@ async fn grpc_call(from: &Pod, to: SocketAddr, method: &str) -> Result<(String, 
 #[tokio::test]
 async fn grpc_methods_are_decided_per_call() {
     let setup = Setup::started().await;
-    for family in families(setup.payments_pod()) {
-        let payments = at(setup.payments_pod(), family, PAYMENTS_PORT);
+    for family in setup.payments_pod().ips() {
+        let payments = setup.payments_pod().addr(family, PAYMENTS_PORT);
         for (from, method, want) in [
             (setup.orders(), "/pkg.Service/Method", "0"),
             (setup.orders(), "/pkg.Service/Other", "7"),
@@ -498,8 +484,8 @@ async fn a_deny_on_admin_paths_holds_against_normalization_bypasses() {
         "/%61dmin",
         "/admin?x=1",
     ];
-    for family in families(setup.web_pod()) {
-        let web = at(setup.web_pod(), family, WEB_PORT);
+    for family in setup.web_pod().ips() {
+        let web = setup.web_pod().addr(family, WEB_PORT);
         for proto in [Proto::Http1, Proto::H2c] {
             // Across nodes over HBONE, and plaintext from outside the mesh (PERMISSIVE).
             for from in [setup.orders(), setup.batch()] {
@@ -525,8 +511,8 @@ async fn a_deny_on_admin_paths_holds_against_normalization_bypasses() {
 #[tokio::test]
 async fn one_keep_alive_connection_carries_allowed_denied_allowed() {
     let setup = Setup::started().await;
-    for family in families(setup.web_pod()) {
-        let web = at(setup.web_pod(), family, WEB_PORT);
+    for family in setup.web_pod().ips() {
+        let web = setup.web_pod().addr(family, WEB_PORT);
         // One curl, three URLs: curl reuses its connection, and says how many it made.
         let urls: Vec<String> = ["/first", "/admin", "/second"]
             .iter()

@@ -8,7 +8,7 @@
 //! - node 1: `default/web` (meshed, PERMISSIVE, the mesh default) and `legacy/batch`
 //!   (outside the mesh)
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -82,20 +82,6 @@ impl Setup {
     fn batch(&self) -> &Pod {
         self.cluster.pod(1, 1)
     }
-}
-
-/// The pod's address of `family` (an address of that family) on `port`.
-fn at(pod: &Pod, family: IpAddr, port: u16) -> SocketAddr {
-    let ip: IpAddr = if family.is_ipv4() {
-        pod.ip().into()
-    } else {
-        pod.ipv6().into()
-    };
-    SocketAddr::new(ip, port)
-}
-
-fn families(pod: &Pod) -> [IpAddr; 2] {
-    [pod.ip().into(), pod.ipv6().into()]
 }
 
 /// An echo application listening on every address of a pod; remembers what it received.
@@ -193,18 +179,18 @@ async fn pod_traffic_is_hbone_on_the_wire_same_node_and_across_nodes_over_ipv4_a
         setup.cluster.node(1).capture().unwrap(),
     ];
     let mut secrets = Vec::new();
-    for family in families(setup.orders()) {
+    for family in setup.orders().ips() {
         let same_node = format!("SECRET-same-node-{family}").into_bytes();
         let cross_node = format!("SECRET-cross-node-{family}").into_bytes();
         assert_exchange(
             setup.orders(),
-            at(setup.payments_pod(), family, PAYMENTS_PORT),
+            setup.payments_pod().addr(family, PAYMENTS_PORT),
             &same_node,
         )
         .await;
         assert_exchange(
             setup.orders(),
-            at(setup.web_pod(), family, WEB_PORT),
+            setup.web_pod().addr(family, WEB_PORT),
             &cross_node,
         )
         .await;
@@ -216,7 +202,7 @@ async fn pod_traffic_is_hbone_on_the_wire_same_node_and_across_nodes_over_ipv4_a
     let control = b"PLAINTEXT-control".to_vec();
     assert_exchange(
         setup.batch(),
-        at(setup.web_pod(), setup.web_pod().ip().into(), WEB_PORT),
+        SocketAddr::new(setup.web_pod().ip().into(), WEB_PORT),
         &control,
     )
     .await;
@@ -253,16 +239,16 @@ async fn pod_traffic_is_hbone_on_the_wire_same_node_and_across_nodes_over_ipv4_a
 async fn applications_see_their_own_pod_address_and_the_server_tunnel_logs_it() {
     let setup = Setup::started().await;
     let orders = setup.orders();
-    for family in families(orders) {
+    for family in orders.ips() {
         for (node, to) in [
-            (0, at(setup.payments_pod(), family, PAYMENTS_PORT)),
-            (1, at(setup.web_pod(), family, WEB_PORT)),
+            (0, setup.payments_pod().addr(family, PAYMENTS_PORT)),
+            (1, setup.web_pod().addr(family, WEB_PORT)),
         ] {
             let mut tcp = connect(orders, to).await.unwrap();
             let local = tcp.local_addr().unwrap();
             assert_eq!(
                 local.ip(),
-                at(orders, family, 0).ip(),
+                orders.addr(family, 0).ip(),
                 "to {to}: the application's local address is its pod's"
             );
             assert_eq!(tcp.peer_addr().unwrap(), to);
@@ -299,16 +285,16 @@ async fn a_socket_mark_from_the_config_keeps_the_tunnels_own_connects_unsteered(
     // the tunnel makes from a pod would be steered back into it.
     let mut setup = Setup::with_settings("socketMark: 0x2a\n").await;
     setup.mesh.start_all().await.expect("start the tunnels");
-    for family in families(setup.orders()) {
+    for family in setup.orders().ips() {
         assert_exchange(
             setup.orders(),
-            at(setup.payments_pod(), family, PAYMENTS_PORT),
+            setup.payments_pod().addr(family, PAYMENTS_PORT),
             format!("mark-same-node-{family}").as_bytes(),
         )
         .await;
         assert_exchange(
             setup.orders(),
-            at(setup.web_pod(), family, WEB_PORT),
+            setup.web_pod().addr(family, WEB_PORT),
             format!("mark-cross-node-{family}").as_bytes(),
         )
         .await;
@@ -316,11 +302,7 @@ async fn a_socket_mark_from_the_config_keeps_the_tunnels_own_connects_unsteered(
     // Plaintext from outside the mesh still lands on the tunnel (STRICT refuses it).
     assert_refused(
         setup.batch(),
-        at(
-            setup.payments_pod(),
-            setup.payments_pod().ip().into(),
-            PAYMENTS_PORT,
-        ),
+        SocketAddr::new(setup.payments_pod().ip().into(), PAYMENTS_PORT),
         b"mark-plaintext-to-strict",
         &setup.payments,
     )
@@ -330,11 +312,11 @@ async fn a_socket_mark_from_the_config_keeps_the_tunnels_own_connects_unsteered(
 #[tokio::test]
 async fn plaintext_from_outside_the_mesh_is_refused_by_strict_and_accepted_by_permissive() {
     let setup = Setup::started().await;
-    for family in families(setup.batch()) {
+    for family in setup.batch().ips() {
         // Cross-node to STRICT payments: the tunnel resets it before the application.
         assert_refused(
             setup.batch(),
-            at(setup.payments_pod(), family, PAYMENTS_PORT),
+            setup.payments_pod().addr(family, PAYMENTS_PORT),
             format!("plaintext-to-strict-{family}").as_bytes(),
             &setup.payments,
         )
@@ -342,7 +324,7 @@ async fn plaintext_from_outside_the_mesh_is_refused_by_strict_and_accepted_by_pe
         // Same node to PERMISSIVE web: accepted.
         assert_exchange(
             setup.batch(),
-            at(setup.web_pod(), family, WEB_PORT),
+            setup.web_pod().addr(family, WEB_PORT),
             format!("plaintext-to-permissive-{family}").as_bytes(),
         )
         .await;
@@ -360,8 +342,8 @@ async fn plaintext_from_outside_the_mesh_is_refused_by_strict_and_accepted_by_pe
 #[tokio::test]
 async fn authorization_policy_admits_only_the_allowed_identity() {
     let setup = Setup::started().await;
-    for family in families(setup.web_pod()) {
-        let payments = at(setup.payments_pod(), family, PAYMENTS_PORT);
+    for family in setup.web_pod().ips() {
+        let payments = setup.payments_pod().addr(family, PAYMENTS_PORT);
         // web holds a valid mesh certificate, but only orders is allowed.
         assert_refused(
             setup.web_pod(),
@@ -382,12 +364,8 @@ async fn authorization_policy_admits_only_the_allowed_identity() {
 #[tokio::test]
 async fn a_killed_tunnel_fails_closed_and_a_restarted_one_carries_traffic_again() {
     let mut setup = Setup::started().await;
-    let web = at(setup.web_pod(), setup.web_pod().ip().into(), WEB_PORT);
-    let payments = at(
-        setup.payments_pod(),
-        setup.payments_pod().ip().into(),
-        PAYMENTS_PORT,
-    );
+    let web = SocketAddr::new(setup.web_pod().ip().into(), WEB_PORT);
+    let payments = SocketAddr::new(setup.payments_pod().ip().into(), PAYMENTS_PORT);
     assert_exchange(setup.orders(), web, b"before-the-crash").await;
 
     setup.mesh.kill(0).unwrap();
@@ -417,7 +395,7 @@ async fn a_killed_tunnel_fails_closed_and_a_restarted_one_carries_traffic_again(
 #[tokio::test]
 async fn enrolling_a_pod_keeps_its_established_connections() {
     let mut setup = Setup::new().await;
-    let web = at(setup.web_pod(), setup.web_pod().ip().into(), WEB_PORT);
+    let web = SocketAddr::new(setup.web_pod().ip().into(), WEB_PORT);
     let mut before = connect(setup.orders(), web).await.unwrap();
     echo_round(&mut before, b"before-enrolment").await.unwrap();
 

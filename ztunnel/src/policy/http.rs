@@ -15,7 +15,9 @@
 //!   first (Envoy `UNESCAPE_AND_FORWARD`), then `MERGE_SLASHES`.
 //!
 //! In every mode a path that does not begin with `/` or that holds a NUL (raw or `%00`)
-//! cannot be normalized: the request is denied, as Envoy answers it with 400.
+//! cannot be normalized: the request is denied, as Envoy answers it with 400. Outside
+//! `NONE`, so is a path whose decoding spells a new escape: the rules would see one
+//! path and an application that decodes again another.
 
 use std::fmt;
 
@@ -110,7 +112,23 @@ pub fn path_and_host(
 
 /// The normalized path of `path_and_query` (a request target in origin form) under
 /// `mode`; the query and fragment are not part of it.
+///
+/// A path whose decoding spells a new escape (`/%2%66admin` decodes to `/%2fadmin`,
+/// which an application that decodes again reads as `//admin`) cannot be normalized:
+/// the rules would see one path and the application another. So normalizing a
+/// normalized path gives it back unchanged.
 pub fn normalize_path(path_and_query: &str, mode: PathNormalization) -> Result<String, PathError> {
+    let once = normalize_once(path_and_query, mode)?;
+    match normalize_once(&once, mode) {
+        Ok(twice) if twice == once => Ok(once),
+        _ => Err(PathError {
+            path: path_and_query.to_string(),
+            problem: "decoding it spells another escape",
+        }),
+    }
+}
+
+fn normalize_once(path_and_query: &str, mode: PathNormalization) -> Result<String, PathError> {
     let error = |problem| PathError {
         path: path_and_query.to_string(),
         problem,

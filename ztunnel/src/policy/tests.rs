@@ -1610,6 +1610,25 @@ fn path_normalization_follows_istio() {
             assert!(e.to_string().contains("cannot be normalized"), "{e}");
         }
     }
+    // Decoding that spells a new escape: the application, decoding again, would read
+    // another path than the rules saw (`/%2fadmin`, then `//admin`).
+    for (mode, bad) in [
+        (Base, "/%%333"),
+        (Merge, "/%%333"),
+        (Decode, "/%%333"),
+        (Decode, "/%2%66admin"),
+        (Decode, "/x/../%GET%%%%%%33333"),
+    ] {
+        let e = normalize_path(bad, mode).expect_err(bad);
+        assert!(e.to_string().contains("another escape"), "{mode} {e}");
+    }
+    // Where nothing new is spelled, or the mode keeps escapes, the path passes.
+    assert_eq!(normalize_path("/%%33x", Base).as_deref(), Ok("/%3x"));
+    assert_eq!(
+        normalize_path("/%2%66admin", Base).as_deref(),
+        Ok("/%2fadmin")
+    );
+    assert_eq!(normalize_path("/%%333", None).as_deref(), Ok("/%%333"));
 }
 
 /// One HTTP request in a test: method, raw path, host, headers.
