@@ -10,7 +10,9 @@
 //!   does it: percent-encoded unreserved characters (`A-Z a-z 0-9 - . _ ~`) decoded,
 //!   `\` turned into `/`, `.` and `..` segments resolved; `%2F` and `%5C` kept as they
 //!   are (Envoy `KEEP_UNCHANGED`).
-//! - `MERGE_SLASHES`: `BASE`, then runs of `/` merged into one.
+//! - `MERGE_SLASHES`: `BASE` with runs of `/` merged into one before dot segments are
+//!   resolved. Envoy merges after, so `/x//../admin` is `/x/admin` to Envoy but `/admin`
+//!   here, as applications read it (Go's `path.Clean`, nginx): a DENY on `/admin*` holds.
 //! - `DECODE_AND_MERGE_SLASHES`: `%2F`/`%2f` decoded to `/` and `%5C`/`%5c` to `\`
 //!   first (Envoy `UNESCAPE_AND_FORWARD`), then `MERGE_SLASHES`.
 //!
@@ -117,8 +119,17 @@ pub fn path_and_host(
 /// which an application that decodes again reads as `//admin`) cannot be normalized:
 /// the rules would see one path and the application another. So normalizing a
 /// normalized path gives it back unchanged.
+///
+/// Where slashes are merged, they are merged before dot segments are resolved, as most
+/// applications read a path (Go's `path.Clean`, nginx): `/x//../admin` is `/admin`, not
+/// `/x/admin` (the empty segment between the slashes is not one `..` can remove).
 pub fn normalize_path(path_and_query: &str, mode: PathNormalization) -> Result<String, PathError> {
     let once = normalize_once(path_and_query, mode)?;
+    // Without an escape left, a second pass has nothing to decode: its output has no
+    // dot segment (nor an empty one where slashes are merged) to resolve again.
+    if !once.contains('%') {
+        return Ok(once);
+    }
     match normalize_once(&once, mode) {
         Ok(twice) if twice == once => Ok(once),
         _ => Err(PathError {
@@ -187,11 +198,14 @@ fn normalize_once(path_and_query: &str, mode: PathNormalization) -> Result<Strin
     }
     // Only ASCII bytes were decoded into the UTF-8 input: the result is UTF-8.
     let path = String::from_utf8_lossy(&decoded).into_owned();
+    let merge = mode != PathNormalization::Base;
     let segments: Vec<&str> = path[1..].split('/').collect();
     let last = segments.len() - 1;
     let mut out: Vec<&str> = Vec::with_capacity(segments.len());
     for (i, segment) in segments.into_iter().enumerate() {
         match segment {
+            // An empty segment is a doubled slash, or the one ending the path.
+            "" if merge && i != last => {}
             "." => {}
             ".." => {
                 out.pop();
@@ -206,17 +220,5 @@ fn normalize_once(path_and_query: &str, mode: PathNormalization) -> Result<Strin
             out.push("");
         }
     }
-    let mut normalized = String::with_capacity(path.len());
-    normalized.push('/');
-    normalized.push_str(&out.join("/"));
-    if mode != PathNormalization::Base {
-        let mut merged = String::with_capacity(normalized.len());
-        for c in normalized.chars() {
-            if !(c == '/' && merged.ends_with('/')) {
-                merged.push(c);
-            }
-        }
-        normalized = merged;
-    }
-    Ok(normalized)
+    Ok(format!("/{}", out.join("/")))
 }
