@@ -64,7 +64,11 @@ pub async fn http_requests(input: &[u8]) -> Vec<http::request::Parts> {
         hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
             let seen = seen.clone();
             async move {
-                let (parts, body) = request.into_parts();
+                let (mut parts, body) = request.into_parts();
+                // The extensions hold the upgrade's receiving end: kept, it would keep
+                // the connection of an upgraded request (a CONNECT answered 200) open
+                // and the client waiting for its end forever.
+                parts.extensions.clear();
                 seen.lock().expect("not poisoned").push(parts);
                 let _ = body.collect().await;
                 Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
