@@ -71,6 +71,12 @@ enum Task {
         /// Also write the figures as JSON to this file.
         #[arg(long, value_name = "FILE")]
         json: Option<std::path::PathBuf>,
+        /// Rounds over both paths.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// The sections a round measures, of `l4` and `http`.
+        #[arg(long, default_value = "l4,http")]
+        sections: String,
     },
 }
 
@@ -111,9 +117,18 @@ fn main() -> Result<()> {
             setup::run()?;
             run_in_mesh(&[], "ztunnel-demo", &[])
         }
-        Task::Bench { json } => {
+        Task::Bench {
+            json,
+            rounds,
+            sections,
+        } => {
             setup::run()?;
-            let mut args = Vec::new();
+            let mut args = vec![
+                "--rounds".to_string(),
+                rounds.to_string(),
+                "--sections".to_string(),
+                sections,
+            ];
             if let Some(file) = json {
                 // The bench runs from the workspace root: make a relative path absolute.
                 let file = std::env::current_dir()?.join(file);

@@ -14,7 +14,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Debian packages: LLVM for bpf-linker, and the tools the end-to-end tests and
 /// benchmarks drive (iproute2 for namespaces, procps for sysctl inside them, util-linux
-/// for nsenter and setpriv, tcpdump to look at the wire, iperf3 and sockperf).
+/// for nsenter and setpriv, tcpdump to look at the wire, iperf3, sockperf, and h2load
+/// from nghttp2-client for HTTP/1.1 and HTTP/2 requests).
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
@@ -23,6 +24,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "tcpdump",
     "iperf3",
     "sockperf",
+    "nghttp2-client",
 ];
 
 pub fn run() -> Result<()> {

@@ -13,8 +13,16 @@
 //! seconds passed), with 10 000 open connections. The machine's steal time and load
 //! over the run are printed with the figures.
 //!
+//! HTTP (the `http` section): small GET requests, HTTP/1.1 with keep-alive and HTTP/2
+//! cleartext, from h2load in the client pod to a hyper server, by three ways: the `l7`
+//! way (a meshed server whose port is declared HTTP and whose policy has HTTP rules, so
+//! the server tunnel decides every request), the `l4` way (the same server on a port that
+//! is not HTTP, where the tunnel copies bytes) and the direct path. Per way: requests per
+//! second with several requests in flight, and p50/p99 latency of one request at a time.
+//!
 //! Sections: [`SECTIONS`] lists what a round measures; a section is a function of the
-//! bench and a path that records samples under its keys.
+//! bench, a path and the round that records samples under its keys; `--sections` picks
+//! some of them.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -25,6 +33,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use ztunnel_tests::{Cluster, Mesh, Pod, PodSpec};
 
 const ECHO_PORT: u16 = 7000;
@@ -37,6 +48,43 @@ const CONNECT_THREADS: usize = 4;
 const OPEN_CONNECTIONS: usize = 10_000;
 /// How long after the bulk transfers the tunnels' memory is read again.
 const SETTLE: Duration = Duration::from_secs(3);
+/// The web server's port declared HTTP (requests decided one by one by its tunnel).
+const HTTP_PORT: u16 = 8080;
+/// The web server's port that is not HTTP (the tunnels copy bytes).
+const PLAIN_HTTP_PORT: u16 = 8081;
+const H2LOAD_SECONDS: &str = "5";
+/// Requests in flight in the request-rate runs: HTTP/1.1 connections, or streams on one
+/// HTTP/2 connection.
+const HTTP_IN_FLIGHT: usize = 8;
+
+/// The web server's policy: the client may `GET /bench/*` on the HTTP port (a rule with
+/// HTTP fields, decided per request) and use the other port at L4.
+const WEB_POLICY: &str = r#"- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata:
+    name: web
+    namespace: bench
+  spec:
+    selector:
+      matchLabels:
+        app: web
+    action: ALLOW
+    rules:
+    - from:
+      - source:
+          principals: ["cluster.local/ns/bench/sa/client"]
+      to:
+      - operation:
+          ports: ["8080"]
+          methods: ["GET"]
+          paths: ["/bench/*"]
+    - from:
+      - source:
+          principals: ["cluster.local/ns/bench/sa/client"]
+      to:
+      - operation:
+          ports: ["8081"]
+"#;
 
 #[derive(clap::Parser)]
 #[command(about = "Benchmark the tunnel against the direct path (root)")]
@@ -47,12 +95,19 @@ struct Args {
     /// Rounds over both paths (at least 3 for a median worth the name).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// The sections a round measures, of `l4` and `http`.
+    #[arg(long, value_delimiter = ',', default_value = "l4,http")]
+    sections: Vec<String>,
     /// Internal: serve echo in the network namespace at this path until stdin closes
     /// (the server end of the open connections lives in its own process, so neither
     /// end needs more descriptors than the machine's limit).
     #[arg(long, hide = true, value_name = "NETNS", requires = "at")]
     serve_echo: Option<PathBuf>,
-    /// Internal: the addresses `--serve-echo` listens on.
+    /// Internal: serve HTTP/1.1 and HTTP/2 cleartext in the network namespace at this
+    /// path until stdin closes.
+    #[arg(long, hide = true, value_name = "NETNS", requires = "at")]
+    serve_http: Option<PathBuf>,
+    /// Internal: the addresses `--serve-echo` or `--serve-http` listens on.
     #[arg(long, hide = true, value_name = "ADDR")]
     at: Vec<SocketAddr>,
 }
@@ -77,6 +132,8 @@ struct Bench<'a> {
     tunnels: Vec<u32>,
     meshed: Path<'a>,
     direct: Path<'a>,
+    /// The meshed HTTP server, on the same node as the meshed path's server.
+    web: &'a Pod,
 }
 
 /// Samples of each figure, one per round, by key.
@@ -114,12 +171,11 @@ impl Samples {
     }
 }
 
-/// A part of a round: measures one path and records its samples.
-type Section = fn(&Bench, &Path, &mut Samples) -> Result<()>;
+/// A part of a round: measures one path in a round and records its samples.
+type Section = fn(&Bench, &Path, usize, &mut Samples) -> Result<()>;
 
-/// What each round measures on each path, in order. Another section (an L7 one, say)
-/// is one more entry here.
-const SECTIONS: &[(&str, Section)] = &[("l4", l4_section)];
+/// What each round measures on each path, in order.
+const SECTIONS: &[(&str, Section)] = &[("l4", l4_section), ("http", http_section)];
 
 fn main() -> Result<()> {
     let args: Args = clap::Parser::parse();
@@ -130,18 +186,35 @@ fn main() -> Result<()> {
         let _ = std::io::stdin().read_to_end(&mut Vec::new());
         return Ok(());
     }
+    if let Some(netns) = args.serve_http {
+        return serve_http(ztunnel::netns::Netns::open(netns)?, args.at);
+    }
     if args.rounds == 0 {
         bail!("--rounds 0: at least one round is needed");
     }
+    let sections: Vec<(&str, Section)> = args
+        .sections
+        .iter()
+        .map(|wanted| {
+            SECTIONS
+                .iter()
+                .find(|(name, _)| name == wanted)
+                .copied()
+                .with_context(|| {
+                    format!("--sections {wanted}: no such section (there are l4 and http)")
+                })
+        })
+        .collect::<Result<_>>()?;
     let runtime = tokio::runtime::Runtime::new()?;
-    let cluster = Cluster::builder().nodes(2).pods_per_node(2).build()?;
+    let cluster = Cluster::builder().nodes(2).pods_per_node(3).build()?;
     let specs = vec![
         PodSpec::new(cluster.pod(0, 0), "bench", "client"),
         PodSpec::new(cluster.pod(0, 1), "bench", "direct-client").unmeshed(),
         PodSpec::new(cluster.pod(1, 0), "bench", "server"),
         PodSpec::new(cluster.pod(1, 1), "bench", "direct-server").unmeshed(),
+        PodSpec::new(cluster.pod(1, 2), "bench", "web").http_ports(&[HTTP_PORT]),
     ];
-    let mut mesh = Mesh::new(&cluster, specs, "")?;
+    let mut mesh = Mesh::new(&cluster, specs, WEB_POLICY)?;
     runtime.block_on(mesh.start_all())?;
     let bench = Bench {
         tunnels: (0..2)
@@ -157,10 +230,13 @@ fn main() -> Result<()> {
             server: cluster.pod(1, 1),
             prefix: "direct_",
         },
+        web: cluster.pod(1, 2),
     };
-    let _echo = [
-        EchoProcess::start(bench.meshed.server)?,
-        EchoProcess::start(bench.direct.server)?,
+    let _servers = [
+        ServerProcess::echo(bench.meshed.server)?,
+        ServerProcess::echo(bench.direct.server)?,
+        ServerProcess::http(bench.web, &[HTTP_PORT, PLAIN_HTTP_PORT])?,
+        ServerProcess::http(bench.direct.server, &[HTTP_PORT])?,
     ];
 
     let machine_before = MachineCpu::read()?;
@@ -176,7 +252,7 @@ fn main() -> Result<()> {
             [&bench.direct, &bench.meshed]
         };
         for path in paths {
-            for (name, section) in SECTIONS {
+            for (name, section) in &sections {
                 let label = if path.prefix.is_empty() {
                     "tunnel"
                 } else {
@@ -187,17 +263,19 @@ fn main() -> Result<()> {
                     round + 1,
                     args.rounds
                 );
-                section(&bench, path, &mut samples)?;
+                section(&bench, path, round, &mut samples)?;
             }
         }
         std::thread::sleep(SETTLE);
         samples.add_tunnel("rss_after_bulk_mb", rss_mb(&bench.tunnels)?);
     }
-    eprintln!("bench: 10 000 open connections");
-    let open = open_connections(&bench.meshed)?;
-    std::thread::sleep(Duration::from_millis(500));
-    samples.add_tunnel("rss_10k_mb", rss_mb(&bench.tunnels)?);
-    drop(open);
+    if args.sections.iter().any(|s| s == "l4") {
+        eprintln!("bench: 10 000 open connections");
+        let open = open_connections(&bench.meshed)?;
+        std::thread::sleep(Duration::from_millis(500));
+        samples.add_tunnel("rss_10k_mb", rss_mb(&bench.tunnels)?);
+        drop(open);
+    }
     let steal = MachineCpu::read()?.steal_share_since(&machine_before);
     let load_after = load_average()?;
 
@@ -209,6 +287,7 @@ fn main() -> Result<()> {
         steal * 100.0
     );
     print_table(&samples);
+    print_http_table(&samples);
     if let Some(file) = args.json {
         let mut json = serde_json::Map::new();
         json.insert("rounds".into(), args.rounds.into());
@@ -231,7 +310,7 @@ fn main() -> Result<()> {
 
 /// The L4 figures of one path: bulk throughput (and, through the tunnels, CPU per GB
 /// and the tunnels' peak memory), round trips, new connections.
-fn l4_section(bench: &Bench, path: &Path, samples: &mut Samples) -> Result<()> {
+fn l4_section(bench: &Bench, path: &Path, _round: usize, samples: &mut Samples) -> Result<()> {
     let cpu_before = cpu_seconds(&bench.tunnels)?;
     let (gbps_1, bytes_1) = iperf(path, 1)?;
     let (gbps_4, bytes_4) = iperf(path, 4)?;
@@ -249,6 +328,123 @@ fn l4_section(bench: &Bench, path: &Path, samples: &mut Samples) -> Result<()> {
     samples.add(path, "seq_conn_per_s", sequential_connection_rate(path)?);
     samples.add(path, "conn_per_s", connection_rate(path)?);
     Ok(())
+}
+
+/// The HTTP figures of one path. Through the tunnels, two ways to the web server (its
+/// HTTP port, decided per request, and its plain port, copied as bytes), in an order
+/// swapped every round; on the direct path, its server's HTTP port.
+fn http_section(bench: &Bench, path: &Path, round: usize, samples: &mut Samples) -> Result<()> {
+    let mut ways = if path.prefix.is_empty() {
+        vec![("l7_", bench.web, HTTP_PORT), ("l4_", bench.web, PLAIN_HTTP_PORT)]
+    } else {
+        vec![("direct_", path.server, HTTP_PORT)]
+    };
+    if round % 2 == 1 {
+        ways.reverse();
+    }
+    for (prefix, server, port) in ways {
+        for protocol in [Http::One, Http::Two] {
+            let url = format!("http://{}/bench/item", SocketAddr::new(server.ip().into(), port));
+            let name = protocol.key();
+            let busy = h2load(path.client, &url, protocol, HTTP_IN_FLIGHT)?;
+            samples.add_tunnel(&format!("{prefix}{name}_rps"), busy.rate);
+            let single = h2load(path.client, &url, protocol, 1)?;
+            samples.add_tunnel(&format!("{prefix}{name}_p50_us"), single.p50_us);
+            samples.add_tunnel(&format!("{prefix}{name}_p99_us"), single.p99_us);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Http {
+    /// HTTP/1.1, keep-alive, one request at a time per connection.
+    One,
+    /// HTTP/2 cleartext with prior knowledge, requests in flight as streams of one
+    /// connection.
+    Two,
+}
+
+impl Http {
+    fn key(self) -> &'static str {
+        match self {
+            Http::One => "http1",
+            Http::Two => "h2",
+        }
+    }
+}
+
+/// What one h2load run measured.
+struct HttpRun {
+    /// Requests answered per second.
+    rate: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// h2load in the client pod for `H2LOAD_SECONDS`, `in_flight` requests at a time (HTTP/1.1:
+/// as many connections; HTTP/2: as many streams on one connection). Every request must be
+/// answered 2xx: a refused request would measure the refusal, not the path. Latencies come
+/// from h2load's per-request log (microseconds from the request's start to the end of its
+/// response).
+fn h2load(client: &Pod, url: &str, protocol: Http, in_flight: usize) -> Result<HttpRun> {
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("requests.tsv");
+    let (connections, streams) = match protocol {
+        Http::One => (in_flight, 1),
+        Http::Two => (1, in_flight),
+    };
+    // h2load can wait forever on a server that stops answering: bounded.
+    let mut command = client.command("timeout");
+    command.args(["60", "h2load"]);
+    if let Http::One = protocol {
+        command.arg("--h1");
+    }
+    let out = command
+        .args(["-t", "1", "-c", &connections.to_string(), "-m", &streams.to_string()])
+        .args(["-D", H2LOAD_SECONDS])
+        .arg(format!("--log-file={}", log.display()))
+        .arg(url)
+        .output()
+        .context("cannot start h2load (cargo xtask setup installs it)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let failed = || {
+        format!(
+            "h2load {url} ({}, {in_flight} in flight) failed: {}\n{text}",
+            protocol.key(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let field = |line_start: &str, before: &str| -> Option<f64> {
+        let line = text.lines().find(|l| l.starts_with(line_start))?;
+        let (head, _) = line.split_once(before)?;
+        head.rsplit([' ', ',']).next()?.parse().ok()
+    };
+    let (Some(rate), Some(done), Some(ok)) = (
+        field("finished in", " req/s"),
+        field("requests:", " done"),
+        field("status codes:", " 2xx"),
+    ) else {
+        bail!(failed());
+    };
+    if !out.status.success() || done == 0.0 || ok != done {
+        bail!(failed());
+    }
+    let mut latencies: Vec<f64> = std::fs::read_to_string(&log)
+        .with_context(|| format!("h2load wrote no log {}", log.display()))?
+        .lines()
+        .filter_map(|line| line.split('\t').nth(2)?.parse().ok())
+        .collect();
+    if latencies.is_empty() {
+        bail!("h2load's log {} holds no request: {}", log.display(), failed());
+    }
+    latencies.sort_by(f64::total_cmp);
+    let at = |share: f64| latencies[((latencies.len() as f64 * share).ceil() as usize).max(1) - 1];
+    Ok(HttpRun {
+        rate,
+        p50_us: at(0.50),
+        p99_us: at(0.99),
+    })
 }
 
 /// iperf3 from the client pod to the server pod for `streams` parallel streams:
@@ -509,28 +705,39 @@ fn load_average() -> Result<String> {
     Ok(text.split_whitespace().next().unwrap_or("?").to_string())
 }
 
-/// This program again, serving echo on every address of a pod; stopped on drop.
-struct EchoProcess(std::process::Child);
+/// This program again, serving echo or HTTP on every address of a pod; stopped on drop.
+struct ServerProcess(std::process::Child);
 
-impl EchoProcess {
-    fn start(pod: &Pod) -> Result<EchoProcess> {
+impl ServerProcess {
+    fn echo(pod: &Pod) -> Result<ServerProcess> {
+        ServerProcess::start(pod, "--serve-echo", &[ECHO_PORT])
+    }
+
+    fn http(pod: &Pod, ports: &[u16]) -> Result<ServerProcess> {
+        ServerProcess::start(pod, "--serve-http", ports)
+    }
+
+    fn start(pod: &Pod, serve: &str, ports: &[u16]) -> Result<ServerProcess> {
         let mut cmd = std::process::Command::new(std::env::current_exe()?);
-        cmd.arg("--serve-echo").arg(pod.netns_path());
-        for ip in pod.ips() {
-            cmd.arg("--at")
-                .arg(SocketAddr::new(ip, ECHO_PORT).to_string());
+        cmd.arg(serve).arg(pod.netns_path());
+        for &port in ports {
+            for ip in pod.ips() {
+                cmd.arg("--at").arg(SocketAddr::new(ip, port).to_string());
+            }
         }
         let child = cmd
             .stdin(std::process::Stdio::piped())
             .spawn()
-            .context("cannot start the echo server")?;
-        let process = EchoProcess(child);
-        wait_listening(pod, ECHO_PORT)?;
+            .with_context(|| format!("cannot start the server ({serve})"))?;
+        let process = ServerProcess(child);
+        for &port in ports {
+            wait_listening(pod, port)?;
+        }
         Ok(process)
     }
 }
 
-impl Drop for EchoProcess {
+impl Drop for ServerProcess {
     fn drop(&mut self) {
         drop(self.0.stdin.take());
         let _ = self.0.wait();
@@ -589,6 +796,39 @@ impl Drop for EchoServer {
     }
 }
 
+/// A small HTTP server (hyper, HTTP/1.1 and HTTP/2 cleartext on every port) answering
+/// every request `200 ok`, until the parent closes our stdin.
+fn serve_http(netns: ztunnel::netns::Netns, addresses: Vec<SocketAddr>) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        for address in addresses {
+            let listener = netns
+                .listen(address, 0)
+                .with_context(|| format!("cannot listen on {address}"))?;
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let _ = tcp.set_nodelay(true);
+                    let service = hyper::service::service_fn(|_request| async {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from_static(b"ok\n"),
+                        )))
+                    });
+                    tokio::spawn(
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(tcp), service)
+                            .into_owned(),
+                    );
+                }
+            });
+        }
+        tokio::task::spawn_blocking(|| std::io::stdin().read_to_end(&mut Vec::new())).await??;
+        Ok(())
+    })
+}
+
 fn print_table(samples: &Samples) {
     let rows = [
         ("throughput, 1 stream (Gbit/s)", "throughput_1_gbps"),
@@ -617,6 +857,48 @@ fn print_table(samples: &Samples) {
             "{label:<38} {:>26} {:>26}",
             cell(key),
             cell(&format!("direct_{key}"))
+        );
+    }
+}
+
+/// The HTTP figures: the tunnels deciding each request (L7), the tunnels copying bytes
+/// (L4), the direct path; and the L7 way's share of the L4 way's rate and its added p99.
+fn print_http_table(samples: &Samples) {
+    if samples.median("l7_http1_rps").is_none() {
+        return;
+    }
+    let rows = [
+        ("HTTP/1.1 requests/s, 8 connections", "http1_rps"),
+        ("HTTP/1.1 p50, 1 connection (us)", "http1_p50_us"),
+        ("HTTP/1.1 p99, 1 connection (us)", "http1_p99_us"),
+        ("HTTP/2 requests/s, 8 streams", "h2_rps"),
+        ("HTTP/2 p50, 1 stream (us)", "h2_p50_us"),
+        ("HTTP/2 p99, 1 stream (us)", "h2_p99_us"),
+    ];
+    println!(
+        "{:<38} {:>26} {:>26} {:>26}",
+        "median [min-max]", "tunnel, L7", "tunnel, L4", "direct"
+    );
+    let cell = |key: &str| match (samples.median(key), samples.range(key)) {
+        (Some(median), Some((min, max))) => format!("{median:.0} [{min:.0}-{max:.0}]"),
+        _ => "-".to_string(),
+    };
+    for (label, key) in rows {
+        println!(
+            "{label:<38} {:>26} {:>26} {:>26}",
+            cell(&format!("l7_{key}")),
+            cell(&format!("l4_{key}")),
+            cell(&format!("direct_{key}"))
+        );
+    }
+    for protocol in [Http::One, Http::Two] {
+        let name = protocol.key();
+        let median = |key: String| samples.median(&key).unwrap_or(f64::NAN);
+        println!(
+            "{name}: L7 keeps {:.0} % of the L4 rate (target >= 70 %), adds {:.0} us at p99 \
+             (target <= 100)",
+            100.0 * median(format!("l7_{name}_rps")) / median(format!("l4_{name}_rps")),
+            median(format!("l7_{name}_p99_us")) - median(format!("l4_{name}_p99_us"))
         );
     }
 }
