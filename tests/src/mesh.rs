@@ -164,6 +164,10 @@ impl Mesh {
                 .context("the scratch directory has a name")?
                 .to_string_lossy(),
         );
+        // Not beside the config files: each tunnel watches their directory, and a log
+        // written there wakes that watch at every line (per request on HTTP ports).
+        let logs = dir.path().join("logs");
+        std::fs::create_dir(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
         let mut nodes = Vec::new();
         for node in cluster.nodes() {
             let config = dir.path().join(format!("{}.yaml", node.name()));
@@ -176,7 +180,7 @@ impl Mesh {
                 name: format!("node {}", node.index()),
                 netns: node.netns_path(),
                 pin_root: pin_parent.join(node.name()),
-                log: dir.path().join(format!("{}.log", node.name())),
+                log: logs.join(format!("{}.log", node.name())),
                 config,
                 child: None,
             });

@@ -335,7 +335,10 @@ fn l4_section(bench: &Bench, path: &Path, _round: usize, samples: &mut Samples) 
 /// swapped every round; on the direct path, its server's HTTP port.
 fn http_section(bench: &Bench, path: &Path, round: usize, samples: &mut Samples) -> Result<()> {
     let mut ways = if path.prefix.is_empty() {
-        vec![("l7_", bench.web, HTTP_PORT), ("l4_", bench.web, PLAIN_HTTP_PORT)]
+        vec![
+            ("l7_", bench.web, HTTP_PORT),
+            ("l4_", bench.web, PLAIN_HTTP_PORT),
+        ]
     } else {
         vec![("direct_", path.server, HTTP_PORT)]
     };
@@ -344,7 +347,10 @@ fn http_section(bench: &Bench, path: &Path, round: usize, samples: &mut Samples)
     }
     for (prefix, server, port) in ways {
         for protocol in [Http::One, Http::Two] {
-            let url = format!("http://{}/bench/item", SocketAddr::new(server.ip().into(), port));
+            let url = format!(
+                "http://{}/bench/item",
+                SocketAddr::new(server.ip().into(), port)
+            );
             let name = protocol.key();
             let busy = h2load(path.client, &url, protocol, HTTP_IN_FLIGHT)?;
             samples.add_tunnel(&format!("{prefix}{name}_rps"), busy.rate);
@@ -401,7 +407,14 @@ fn h2load(client: &Pod, url: &str, protocol: Http, in_flight: usize) -> Result<H
         command.arg("--h1");
     }
     let out = command
-        .args(["-t", "1", "-c", &connections.to_string(), "-m", &streams.to_string()])
+        .args([
+            "-t",
+            "1",
+            "-c",
+            &connections.to_string(),
+            "-m",
+            &streams.to_string(),
+        ])
         .args(["-D", H2LOAD_SECONDS])
         .arg(format!("--log-file={}", log.display()))
         .arg(url)
@@ -436,7 +449,11 @@ fn h2load(client: &Pod, url: &str, protocol: Http, in_flight: usize) -> Result<H
         .filter_map(|line| line.split('\t').nth(2)?.parse().ok())
         .collect();
     if latencies.is_empty() {
-        bail!("h2load's log {} holds no request: {}", log.display(), failed());
+        bail!(
+            "h2load's log {} holds no request: {}",
+            log.display(),
+            failed()
+        );
     }
     latencies.sort_by(f64::total_cmp);
     let at = |share: f64| latencies[((latencies.len() as f64 * share).ceil() as usize).max(1) - 1];
