@@ -539,6 +539,7 @@ impl<'m> ConnectionRecord<'m> {
             metrics: self.metrics.clone(),
             labels: self.labels.clone(),
             endpoints: self.endpoints.clone(),
+            series: Mutex::default(),
         }
     }
 
@@ -637,7 +638,7 @@ pub struct RequestLabels {
     pub request_protocol: RequestProtocol,
     pub response_code: u16,
     /// The `grpc-status` of a gRPC response, `-` for other requests.
-    pub grpc_response_status: String,
+    pub grpc_response_status: &'static str,
     /// Envoy's response flags: `-` none, `UF` upstream connect failure, `UC` upstream
     /// connection ended, `DPE` downstream protocol error.
     pub response_flags: &'static str,
@@ -662,39 +663,93 @@ pub struct RequestEvent<'a> {
 
 /// The `grpc_response_status` label: `-` without one, the gRPC code (0 to 16) as sent,
 /// `unknown` for any other value (so the application cannot make series without end).
-fn grpc_label(status: Option<&str>) -> String {
-    match status.map(str::parse::<u8>) {
-        None => "-".to_owned(),
-        Some(Ok(code)) if code <= 16 => code.to_string(),
-        Some(_) => UNKNOWN.to_owned(),
+fn grpc_label(status: Option<&str>) -> &'static str {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    match status.map(str::parse::<usize>) {
+        None => "-",
+        Some(Ok(code)) => CODES.get(code).copied().unwrap_or(UNKNOWN),
+        Some(Err(_)) => UNKNOWN,
     }
 }
 
 /// The HTTP requests of one connection: counted with the connection's labels and
-/// logged with its endpoints. Owned, for the request handlers.
-#[derive(Clone)]
+/// logged with its endpoints.
 pub struct RequestMeter {
     metrics: Metrics,
     labels: ConnectionLabels,
     endpoints: Endpoints,
+    /// The series this connection's requests were counted in, so that a request's
+    /// labels are built and hashed once per connection and kind of answer, not once per
+    /// request. None of them is removed meanwhile: a series goes only once no
+    /// connection counted in it is open.
+    series: Mutex<Vec<RequestSeries>>,
 }
+
+/// One series of a connection's requests, by the request labels that tell it apart.
+struct RequestSeries {
+    protocol: RequestProtocol,
+    status: u16,
+    grpc: &'static str,
+    flags: &'static str,
+    /// The overflow series: each request counted in it is counted as dropped.
+    overflow: bool,
+    requests: Counter,
+    duration: Histogram,
+}
+
+/// How many series one connection keeps at hand; requests of further kinds are counted
+/// by their full labels.
+const KEPT_REQUEST_SERIES: usize = 8;
 
 impl RequestMeter {
     /// Counts one request and writes its access-log event.
     pub fn request(&self, event: RequestEvent<'_>) {
         let elapsed = event.start.elapsed();
-        let labels = self.metrics.take_request_series(RequestLabels {
-            connection: self.labels.clone(),
-            request_protocol: event.protocol,
-            response_code: event.status,
-            grpc_response_status: grpc_label(event.grpc_status),
-            response_flags: event.flags,
+        let grpc = grpc_label(event.grpc_status);
+        let mut kept = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let found = kept.iter().position(|s| {
+            s.protocol == event.protocol
+                && s.status == event.status
+                && s.grpc == grpc
+                && s.flags == event.flags
         });
-        self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics
-            .request_duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64() * 1000.0);
+        let series = match found {
+            Some(i) => {
+                let series = &kept[i];
+                if series.overflow {
+                    self.metrics.table.dropped.inc();
+                }
+                series
+            }
+            None => {
+                let labels = self.metrics.take_request_series(RequestLabels {
+                    connection: self.labels.clone(),
+                    request_protocol: event.protocol,
+                    response_code: event.status,
+                    grpc_response_status: grpc,
+                    response_flags: event.flags,
+                });
+                let series = RequestSeries {
+                    protocol: event.protocol,
+                    status: event.status,
+                    grpc,
+                    flags: event.flags,
+                    overflow: labels.connection != self.labels,
+                    requests: self.metrics.requests.get_or_create(&labels).clone(),
+                    duration: self.metrics.request_duration.get_or_create(&labels).clone(),
+                };
+                if kept.len() == KEPT_REQUEST_SERIES {
+                    kept.remove(0);
+                }
+                kept.push(series);
+                kept.last().expect("just pushed")
+            }
+        };
+        series.requests.inc();
+        series.duration.observe(elapsed.as_secs_f64() * 1000.0);
+        drop(kept);
         let e = &self.endpoints;
         let id = |i: &Option<Identity>| i.as_ref().map(|i| i.to_string());
         info!(
