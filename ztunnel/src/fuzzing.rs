@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use http::{Method, Uri};
 use http_body_util::BodyExt;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::hbone::RequestError;
@@ -83,7 +83,7 @@ pub async fn http_requests(input: &[u8]) -> Vec<http::request::Parts> {
         config.max_header_bytes,
         Arc::new(std::sync::OnceLock::new()),
     );
-    let http = crate::http::server(&config, TokioExecutor::new());
+    let http = crate::http::server(&config);
     let served = http.serve_connection_with_upgrades(TokioIo::new(server), service);
     let client = async move {
         let _ = client.write_all(input).await;

@@ -16,7 +16,6 @@
 
 pub mod framing;
 pub mod io;
-mod tasks;
 mod upstream;
 
 use std::convert::Infallible;
@@ -32,7 +31,7 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Frame, Incoming, SizeHint};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
@@ -114,30 +113,22 @@ where
     let refusal = Arc::new(OnceLock::new());
     let io = framing::Framing::new(io, config.max_header_bytes, refusal.clone());
     let metrics = session.metrics.clone();
-    let (spawner, mut tasks) = tasks::Tasks::new();
     let upstream = Arc::new(Upstream::new(
         session.connector.clone(),
         session.drain.clone(),
-        spawner.clone(),
     ));
     let session = Arc::new(session);
     let service = hyper::service::service_fn(move |request| {
         handle(session.clone(), upstream.clone(), request)
     });
-    let server = server(&config, spawner);
+    let server = server(&config);
     let connection = server.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let mut stopping = false;
-    // The connection's other futures run beside it, through a graceful shutdown too:
-    // its last requests wait on them.
-    let result = loop {
-        tokio::select! {
-            result = connection.as_mut() => break result,
-            never = tasks.run() => match never {},
-            () = stop.cancelled(), if !stopping => {
-                stopping = true;
-                connection.as_mut().graceful_shutdown();
-            }
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
         }
     };
     let Err(error) = result else {
@@ -173,9 +164,9 @@ where
 }
 
 /// The HTTP server every client connection to an HTTP port is served with: HTTP/1.1 or
-/// HTTP/2 cleartext, by what the client sends first; `executor` runs HTTP/2's streams.
-pub(crate) fn server<E>(config: &Config, executor: E) -> auto::Builder<E> {
-    let mut builder = auto::Builder::new(executor);
+/// HTTP/2 cleartext, by what the client sends first.
+pub(crate) fn server(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())

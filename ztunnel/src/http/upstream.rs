@@ -1,9 +1,7 @@
 //! The tunnel's connections to the application for one client connection: made from
 //! inside the pod's namespace as the L4 path makes them, one HTTP/1.1 connection kept
 //! alive across the client's requests (hyper serves them one after another) or one
-//! HTTP/2 connection they all share, made on the first request that needs it. Both are
-//! driven in the client connection's task ([`Spawner`]); an upgraded connection, which
-//! outlives it, in a task of its own.
+//! HTTP/2 connection they all share, made on the first request that needs it.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -14,12 +12,11 @@ use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::Body;
-use super::tasks::Spawner;
 use crate::proxy::{Drain, Sockets};
 
 /// Makes connections to the application: `target` from `local_ip`, with sockets made
@@ -72,18 +69,15 @@ pub(super) struct Upstream {
     connector: Connector,
     /// Upgraded connections are its connections too.
     drain: Drain,
-    /// Runs the kept connections in the client connection's task.
-    spawner: Spawner,
     http1: Mutex<Option<http1::SendRequest<Body>>>,
     http2: Mutex<Option<http2::SendRequest<Body>>>,
 }
 
 impl Upstream {
-    pub(super) fn new(connector: Connector, drain: Drain, spawner: Spawner) -> Self {
+    pub(super) fn new(connector: Connector, drain: Drain) -> Self {
         Upstream {
             connector,
             drain,
-            spawner,
             http1: Mutex::default(),
             http2: Mutex::default(),
         }
@@ -176,7 +170,7 @@ impl Upstream {
         let (sender, connection) = http1::handshake(TokioIo::new(tcp))
             .await
             .map_err(|source| UpstreamError::Handshake { target, source })?;
-        self.spawner.spawn(async move {
+        tokio::spawn(async move {
             if let Err(e) = connection.await {
                 debug!(%target, error = %e, "upstream HTTP/1.1 connection ended");
             }
@@ -193,10 +187,10 @@ impl Upstream {
         }
         let target = self.connector.target;
         let tcp = self.connect().await?;
-        let (sender, connection) = http2::handshake(self.spawner.clone(), TokioIo::new(tcp))
+        let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
             .await
             .map_err(|source| UpstreamError::Handshake { target, source })?;
-        self.spawner.spawn(async move {
+        tokio::spawn(async move {
             if let Err(e) = connection.await {
                 debug!(%target, error = %e, "upstream HTTP/2 connection ended");
             }
