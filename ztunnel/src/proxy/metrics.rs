@@ -699,8 +699,8 @@ struct RequestSeries {
     duration: Histogram,
 }
 
-/// How many series one connection keeps at hand; requests of further kinds are counted
-/// by their full labels.
+/// How many series one connection keeps at hand; a request of a further kind takes the
+/// place of the one kept longest.
 const KEPT_REQUEST_SERIES: usize = 8;
 
 impl RequestMeter {
