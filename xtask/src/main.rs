@@ -40,7 +40,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run setup when needed, then connection churn, bulk and idle connections and
+    /// Run setup when needed, then certificate renewal and a staged CA rotation with
+    /// 1 000 connections held open, then connection churn, bulk and idle connections and
     /// policy edits through two eBPF-steered tunnels for `--minutes`, checking memory,
     /// descriptors and connection counts; then memory per idle connection (root).
     Soak {
@@ -100,6 +101,11 @@ fn main() -> Result<()> {
         Task::Test { args } => test(&args),
         Task::Soak { minutes, idle } => {
             setup::run()?;
+            // The soak-sized rotation first: a minute, where the churn takes `minutes`.
+            run(Command::new(cargo())
+                .current_dir(workspace_root())
+                .args(["test", "--locked", "-p", "ztunnel", "--test", "rotation"])
+                .args(["--", "--ignored", "--nocapture"]))?;
             let args = [
                 "--minutes".to_string(),
                 minutes.to_string(),
