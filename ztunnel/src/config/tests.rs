@@ -287,3 +287,30 @@ socks5AllowedUids: [1000, 1001]
         "{e}"
     );
 }
+
+#[test]
+fn a_socks5_listener_off_loopback_is_refused() {
+    for address in [
+        "0.0.0.0:1080",
+        "10.0.0.5:1080",
+        "[::]:1080",
+        "[fd00::1]:1080",
+    ] {
+        let text = format!("node: a\nsocks5Address: \"{address}\"\n");
+        let e = parse_str(&text).expect_err(&text).to_string();
+        assert!(
+            e.contains("socks5Address")
+                && e.contains(address)
+                && e.contains("not a loopback address"),
+            "{address}: {e}"
+        );
+    }
+    for address in ["127.0.0.1:1080", "127.0.0.9:1080", "[::1]:1080"] {
+        let config = parse_str(&format!("node: a\nsocks5Address: \"{address}\"\n"))
+            .unwrap_or_else(|e| panic!("{address}: {e}"));
+        assert_eq!(
+            config.settings.socks5_address,
+            Some(address.parse().unwrap())
+        );
+    }
+}
