@@ -303,21 +303,29 @@ fn run_ca(command: CaCommand, log_format: LogFormat) -> Result<()> {
             Ok(())
         }
         CaCommand::Issue { dir, identity, out } => issue(&dir, &identity, &out),
-        CaCommand::Serve(args) => runtime(log_format)?.block_on(ca_serve(args)),
+        CaCommand::Serve(args) => {
+            let (runtime, _log) = runtime(log_format)?;
+            runtime.block_on(ca_serve(args))
+        }
         CaCommand::Rotate {
             step,
             secret,
             trust_domain,
-        } => runtime(log_format)?.block_on(ca_rotate(step, &secret, &trust_domain)),
+        } => {
+            let (runtime, _log) = runtime(log_format)?;
+            runtime.block_on(ca_rotate(step, &secret, &trust_domain))
+        }
     }
 }
 
-fn runtime(log_format: LogFormat) -> Result<tokio::runtime::Runtime> {
+/// The runtime of a `ca` command and its logger, to keep until the command ends.
+fn runtime(log_format: LogFormat) -> Result<(tokio::runtime::Runtime, LogControl)> {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
-    LogControl::init(&filter, log_format)?;
+    let log = LogControl::init(&filter, log_format)?;
     // The Kubernetes client's TLS uses the process-wide provider.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    tokio::runtime::Runtime::new().context("cannot start the async runtime")
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    Ok((runtime, log))
 }
 
 async fn kube_client() -> Result<kube::Client> {

@@ -1,6 +1,9 @@
 //! The log filter, changeable at run time through `/logging`.
 
-use std::io::IsTerminal;
+use std::io::{BufWriter, IsTerminal};
+use std::sync::Arc;
+
+use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -38,29 +41,59 @@ pub enum LogFormat {
     Json,
 }
 
+/// Lines waiting for the writer thread at most; a logging task waits beyond it, so no
+/// line (an access-log event above all) is ever dropped.
+const QUEUED_LINES: usize = 16 * 1024;
+
+/// Bytes gathered into one write while lines keep arriving.
+const WRITE_BUFFER: usize = 64 * 1024;
+
 /// A handle on the process's log filter.
 #[derive(Clone)]
 pub struct LogControl {
     handle: reload::Handle<EnvFilter, Registry>,
+    /// The writer thread of [`LogControl::init`]: dropping the last handle writes what
+    /// is queued and stops it.
+    _writer: Option<Arc<WorkerGuard>>,
+}
+
+/// Stderr written by a thread of its own: a task that logs (one access-log event per
+/// HTTP request) formats its line and queues it, and never waits on a write system call.
+/// Lines arriving together leave in one write; a line alone is written at once.
+fn stderr_writer() -> (NonBlocking, WorkerGuard) {
+    NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(QUEUED_LINES)
+        .thread_name("ztunnel-log")
+        .finish(BufWriter::with_capacity(WRITE_BUFFER, std::io::stderr()))
 }
 
 impl LogControl {
     /// A reloadable filter layer (the first layer on a [`Registry`]) and its handle.
     pub fn layer(filter: &str) -> Result<(reload::Layer<EnvFilter, Registry>, LogControl), Error> {
         let (layer, handle) = reload::Layer::new(parse(filter)?);
-        Ok((layer, LogControl { handle }))
+        Ok((
+            layer,
+            LogControl {
+                handle,
+                _writer: None,
+            },
+        ))
     }
 
     /// Installs the process-wide logger: `filter` (tracing `EnvFilter` syntax, e.g.
-    /// `info,ztunnel::policy=debug`) in front of a formatter on stderr in `format`.
+    /// `info,ztunnel::policy=debug`) in front of a formatter on stderr in `format`. Keep
+    /// the returned handle (or a clone) until the process ends: the last one dropped
+    /// writes the lines still queued.
     pub fn init(filter: &str, format: LogFormat) -> Result<LogControl, Error> {
-        let (layer, control) = LogControl::layer(filter)?;
+        let (layer, handle) = reload::Layer::new(parse(filter)?);
+        let (writer, guard) = stderr_writer();
         let (text, json) = match format {
             LogFormat::Text => (
                 Some(
                     tracing_subscriber::fmt::layer()
                         .with_ansi(std::io::stderr().is_terminal())
-                        .with_writer(std::io::stderr),
+                        .with_writer(writer),
                 ),
                 None,
             ),
@@ -70,7 +103,7 @@ impl LogControl {
                     tracing_subscriber::fmt::layer()
                         .json()
                         .flatten_event(true)
-                        .with_writer(std::io::stderr),
+                        .with_writer(writer),
                 ),
             ),
         };
@@ -79,7 +112,10 @@ impl LogControl {
             .with(text)
             .with(json)
             .try_init()?;
-        Ok(control)
+        Ok(LogControl {
+            handle,
+            _writer: Some(Arc::new(guard)),
+        })
     }
 
     /// The filter in force.
