@@ -3,8 +3,7 @@
 //! loopback with real mTLS, 150 connections held open through them and new ones
 //! arriving all along, fresh TLS handshakes against the server tunnel all along, the
 //! workload certificates renewed every few seconds and the trust bundle file edited at
-//! each step. Nothing may be dropped and no handshake may fail. The CI-sized run holds
-//! 150 connections; `cargo xtask soak` also runs it with 1 000 (an ignored test here).
+//! each step. Nothing may be dropped and no handshake may fail.
 
 mod support;
 
@@ -28,6 +27,8 @@ use ztunnel::tls::{self, FailureReason, Side};
 use support::{TD, TestMesh, echo, id, round_trip, socks5_connect};
 
 const NET: u8 = 153;
+/// Connections held open through both tunnels all along.
+const OPEN: usize = 1000;
 const CLIENTS: u8 = 5;
 /// Workload certificates live this long (no backdating), so each renews about every
 /// half of it.
@@ -170,17 +171,6 @@ async fn publish(path: &Path, roots: &RootSecret, nodes: &[&Node]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_and_staged_rotation_under_load_drop_nothing() {
-    rotation_under_load(150).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "soak-sized (1 000 held connections): `cargo xtask soak` runs it"]
-async fn soak_sized_rotation_with_1000_held_connections() {
-    rotation_under_load(1000).await;
-}
-
-/// The rotation with `open` connections held through both tunnels all along.
-async fn rotation_under_load(open_count: usize) {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle.pem");
     let mut roots = RootSecret::generate(TD).unwrap();
@@ -234,8 +224,8 @@ async fn rotation_under_load(open_count: usize) {
         },
     );
 
-    let mut open: Vec<TcpStream> = Vec::with_capacity(open_count);
-    for i in 0..open_count {
+    let mut open: Vec<TcpStream> = Vec::with_capacity(OPEN);
+    for i in 0..OPEN {
         let (source, _) = &clients[i % clients.len()];
         let mut tcp = socks5_connect(socks, *source, app).await.unwrap();
         round_trip(&mut tcp, format!("held {i}").as_bytes()).await;
@@ -319,7 +309,7 @@ async fn rotation_under_load(open_count: usize) {
     prober.await.unwrap();
 
     eprintln!(
-        "held {open_count}, arrived {}, fresh handshakes {}",
+        "held {OPEN}, arrived {}, fresh handshakes {}",
         arrived.load(Ordering::SeqCst),
         handshakes.load(Ordering::SeqCst)
     );
@@ -347,14 +337,14 @@ async fn rotation_under_load(open_count: usize) {
     assert_eq!(refused, 0, "HBONE handshakes refused by the server tunnel");
     // The arrivals have closed; the client tunnel then holds exactly those left open.
     let settled = tokio::time::timeout(Duration::from_secs(10), async {
-        while client.proxy.metrics().open_count() != open_count as i64 {
+        while client.proxy.metrics().open_count() != OPEN as i64 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
     assert!(
         settled.is_ok(),
-        "{} connections open in the client tunnel, {open_count} held",
+        "{} connections open in the client tunnel, {OPEN} held",
         client.proxy.metrics().open_count()
     );
 }
